@@ -1,0 +1,101 @@
+"""The one seam between the engine and the norm implementations.
+
+``factor_sq_norms`` turns the row factors that one parameter collected over a
+pass into per-example squared gradient norms.  Backend choice happens here and
+nowhere else: ``GRADFILTER_BACKEND`` (``auto`` by default, or ``reference``)
+overrides the capability probe.  The plain-PyTorch twins in
+:mod:`gradfilter.reference` are the fallback on every device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+from .layers import Factor
+
+BACKENDS = ("reference",)
+
+
+def backend() -> str:
+    """The backend in use: ``GRADFILTER_BACKEND`` if set, else the best available."""
+    wanted = os.environ.get("GRADFILTER_BACKEND", "auto").strip().lower()
+    if wanted in ("", "auto"):
+        return "reference"
+    if wanted not in BACKENDS:
+        raise ValueError(
+            f"GRADFILTER_BACKEND={wanted!r} is not available here; choose one of "
+            f"{', '.join(('auto',) + BACKENDS)}"
+        )
+    return wanted
+
+
+def _rows(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` with every row outside ``mask`` set to exactly zero, in ``dtype``."""
+    t = t.to(dtype)
+    return torch.where(mask.unsqueeze(-1), t, torch.zeros((), dtype=dtype, device=t.device))
+
+
+def _mask(f: Factor, valid: torch.Tensor) -> torch.Tensor:
+    return valid if f.valid is None else valid & f.valid
+
+
+def _as_outer(f: Factor) -> Factor:
+    if f.kind != "index":
+        return f
+    onehot = F.one_hot(f.left.long(), f.num_rows).to(f.right.dtype)
+    return Factor("outer", onehot, f.right, valid=f.valid)
+
+
+def factor_sq_norms(
+    factors: list[Factor],
+    valid: torch.Tensor,
+    window: tuple[int, int],
+    loop_examples: bool = False,
+) -> torch.Tensor:
+    """Per-example squared norm of the gradient whose row factors are ``factors``.
+
+    factors: the factors of one parameter from each layer call that uses it (a
+    parameter shared between layers or a layer called twice has several; their
+    gradients add, so their rows are concatenated).  valid ``[B, T]``: rows that
+    belong to an example and carry gradient; window ``(lo, hi)``: the columns
+    that hold any valid row.  ``loop_examples`` reduces each example over its own
+    rows only (no padding FLOPs) instead of the batch over the common window.
+    Returns ``[B]`` in the factors' compute dtype.
+    """
+    backend()  # validates the override even while only the reference exists
+    kinds = {f.kind for f in factors}
+    lo, hi = window
+    v = valid[:, lo:hi]
+    dtype = ref.compute_dtype(factors[0].left.dtype if factors[0].kind != "index"
+                              else factors[0].right.dtype)
+    if kinds == {"sum"}:
+        total = sum(_rows(f.left[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype).sum(1)
+                    for f in factors)
+        return total.square().sum(-1)
+    if kinds == {"index"}:
+        idx = torch.cat([f.left[:, lo:hi] for f in factors], dim=1)
+        right = torch.cat([f.right[:, lo:hi].to(dtype) for f in factors], dim=1)
+        ok = torch.cat([_mask(f, valid)[:, lo:hi] for f in factors], dim=1)
+        return ref.index_sq_norms_ref(idx, right, ok)
+    if "sum" in kinds:
+        raise ValueError(f"one parameter got incompatible gradient forms {sorted(kinds)}")
+    factors = [_as_outer(f) for f in factors]
+    if not loop_examples:
+        left = torch.cat([_rows(f.left[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype)
+                          for f in factors], dim=1)
+        right = torch.cat([_rows(f.right[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype)
+                           for f in factors], dim=1)
+        return ref.outer_sq_norms_ref(left, right)
+    out = torch.zeros(v.shape[0], dtype=dtype, device=valid.device)
+    for i in range(v.shape[0]):
+        rows = [_mask(f, valid)[i] for f in factors]
+        left = torch.cat([f.left[i][m].to(dtype) for f, m in zip(factors, rows)])
+        if left.shape[0] == 0:
+            continue
+        right = torch.cat([f.right[i][m].to(dtype) for f, m in zip(factors, rows)])
+        out[i] = ref.outer_sq_norms_ref(left.unsqueeze(0), right.unsqueeze(0))[0]
+    return out

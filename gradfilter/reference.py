@@ -1,0 +1,119 @@
+"""Plain-PyTorch per-example squared gradient norms from layer factors.
+
+Every parameter gradient that gradfilter handles on a fast route has, for one
+example ``i``, the form of a sum over that example's token rows ``t``::
+
+    outer:  grad_i = sum_t left[t] (x) right[t]       left: [n, a], right: [n, b] -> [a, b]
+    sum:    grad_i = sum_t rows[t]                    rows: [n, a]              -> [a]
+    index:  grad_i = sum_t onehot(idx[t]) (x) right[t] idx: [n], right: [n, b]  -> [V, b]
+
+(``outer`` covers Linear / Conv1D weights and LoRA A and B, ``sum`` biases and
+norm weights, ``index`` embeddings.)  The squared Frobenius norm of ``grad_i``
+is computed without ever holding the per-example gradients of the whole batch:
+
+* direct route: form the ``[a, b]`` gradient of a few examples at a time and
+  square-sum it, about ``2 n a b`` FLOPs per example;
+* Gram ("ghost") route: ``||L^T R||^2 = <L L^T, R R^T>``, about
+  ``2 n^2 (a + b)`` FLOPs per example.
+
+Rows are given as padded ``[B, W, .]`` tensors in which every row that does not
+belong to an example is exactly zero, so both routes are exact.  These
+functions are the reference twins of the fused kernels, the fallback on any
+device, and the oracle in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Largest temporary (in elements) a route may allocate at once; blocks of
+# examples or of gradient rows are sized to stay under it.
+TEMP_BUDGET = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate half-precision inputs in float32; keep float32 and float64."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def direct_cost(n: int, a: int, b: int) -> int:
+    """FLOPs of the direct route for one example with ``n`` rows."""
+    return 2 * n * a * b + a * b
+
+
+def ghost_cost(n: int, a: int, b: int) -> int:
+    """FLOPs of the Gram route for one example with ``n`` rows."""
+    return 2 * n * n * (a + b) + n * n
+
+
+def choose_route(n: int, a: int, b: int) -> str:
+    """``"direct"`` or ``"ghost"``, whichever the FLOP model says is cheaper."""
+    return "ghost" if ghost_cost(n, a, b) < direct_cost(n, a, b) else "direct"
+
+
+def outer_sq_norms_direct_ref(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``||left[i]^T right[i]||_F^2`` for each i; left ``[B, W, a]``, right ``[B, W, b]``."""
+    bsz, _, a = left.shape
+    b = right.shape[-1]
+    out = left.new_zeros(bsz)
+    # Block over gradient rows (a) when one example's tile is too large,
+    # and over examples otherwise.
+    rows = max(1, min(a, TEMP_BUDGET // max(1, b)))
+    per_block = max(1, TEMP_BUDGET // max(1, rows * b))
+    for i0 in range(0, bsz, per_block):
+        i1 = min(bsz, i0 + per_block)
+        r = right[i0:i1]
+        for j0 in range(0, a, rows):
+            tile = torch.bmm(left[i0:i1, :, j0 : j0 + rows].transpose(1, 2), r)
+            out[i0:i1] += tile.square().sum(dim=(1, 2))
+    return out
+
+
+def outer_sq_norms_ghost_ref(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``<L L^T, R R^T>`` for each example; same shapes as the direct route."""
+    bsz, w, _ = left.shape
+    out = left.new_zeros(bsz)
+    per_block = max(1, TEMP_BUDGET // max(1, 2 * w * w))
+    for i0 in range(0, bsz, per_block):
+        i1 = min(bsz, i0 + per_block)
+        gl = torch.bmm(left[i0:i1], left[i0:i1].transpose(1, 2))
+        gr = torch.bmm(right[i0:i1], right[i0:i1].transpose(1, 2))
+        out[i0:i1] = (gl * gr).sum(dim=(1, 2))
+    return out
+
+
+def outer_sq_norms_ref(
+    left: torch.Tensor, right: torch.Tensor, route: str | None = None
+) -> torch.Tensor:
+    """Squared norms of ``sum_t left[i,t] (x) right[i,t]``; route chosen by cost if None."""
+    if route is None:
+        route = choose_route(left.shape[1], left.shape[-1], right.shape[-1])
+    if route == "direct":
+        return outer_sq_norms_direct_ref(left, right)
+    if route == "ghost":
+        return outer_sq_norms_ghost_ref(left, right)
+    raise ValueError(f"unknown route {route!r}; expected 'direct' or 'ghost'")
+
+
+def sum_sq_norms_ref(rows: torch.Tensor) -> torch.Tensor:
+    """``||sum_t rows[i, t]||^2`` for each example; rows ``[B, W, a]``."""
+    return rows.sum(dim=1).square().sum(dim=-1)
+
+
+def index_sq_norms_ref(idx: torch.Tensor, right: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared norms of embedding-style gradients ``sum_t onehot(idx[t]) (x) right[t]``.
+
+    idx ``[B, W]`` (int), right ``[B, W, b]``, valid ``[B, W]`` (bool): rows that
+    count.  Rows with the same index in the same example are summed first, so the
+    cost is ``O(n b)`` per example whatever the vocabulary size.
+    """
+    bsz, w = idx.shape
+    vocab = int(idx.max().item()) + 1 if idx.numel() else 1
+    example = torch.arange(bsz, device=idx.device).unsqueeze(1).expand(bsz, w)
+    key = (example * vocab + idx)[valid]
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    summed = right.new_zeros(uniq.numel(), right.shape[-1])
+    summed.index_add_(0, inverse, right[valid])
+    out = right.new_zeros(bsz)
+    out.index_add_(0, uniq // vocab, summed.square().sum(dim=-1))
+    return out
