@@ -108,7 +108,6 @@ class _Pass:
         self.anchor: torch.Tensor | None = None
         self.window: tuple[int, int] = (0, 0)
         self.valid: torch.Tensor | None = None  # [B, T] rows that carry gradient
-        self.loop_examples = False
         self._plan()
 
     # -- planning -------------------------------------------------------------
@@ -248,7 +247,7 @@ class _Pass:
             state.sq_norms = torch.zeros(self.valid.shape[0], dtype=torch.float32)
             return
         state.sq_norms = ops.factor_sq_norms(
-            state.factors, self.valid, self.window, self.loop_examples
+            state.factors, self.valid, self.window
         ).to(torch.float32)
         state.factors = []
 
@@ -313,11 +312,6 @@ class _Pass:
         self.valid = attention_mask.bool() & (positions.unsqueeze(0) <= last.unsqueeze(1))
         rows = self.valid.any(0).nonzero()
         self.window = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)
-        width = self.window[1] - self.window[0]
-        used = int(self.valid.sum())
-        # Padding inside the common window costs FLOPs in the batched routes; when
-        # it is large, go example by example over each example's own rows instead.
-        self.loop_examples = bsz * width > 1.25 * used
 
         pdtype = next(iter(self.params)).param.dtype
         self.anchor = torch.zeros((), dtype=pdtype if pdtype.is_floating_point else torch.float32,

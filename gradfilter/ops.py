@@ -54,7 +54,7 @@ def factor_sq_norms(
     factors: list[Factor],
     valid: torch.Tensor,
     window: tuple[int, int],
-    loop_examples: bool = False,
+    loop_examples: bool | None = None,
 ) -> torch.Tensor:
     """Per-example squared norm of the gradient whose row factors are ``factors``.
 
@@ -63,7 +63,8 @@ def factor_sq_norms(
     gradients add, so their rows are concatenated).  valid ``[B, T]``: rows that
     belong to an example and carry gradient; window ``(lo, hi)``: the columns
     that hold any valid row.  ``loop_examples`` reduces each example over its own
-    rows only (no padding FLOPs) instead of the batch over the common window.
+    rows only (no padding FLOPs) instead of the batch over the common window;
+    None decides by cost (padding FLOPs against per-example launches).
     Returns ``[B]`` in the factors' compute dtype.
     """
     backend()  # validates the override even while only the reference exists
@@ -84,6 +85,13 @@ def factor_sq_norms(
     if "sum" in kinds:
         raise ValueError(f"one parameter got incompatible gradient forms {sorted(kinds)}")
     factors = [_as_outer(f) for f in factors]
+    if loop_examples is None:
+        a, b = factors[0].left.shape[-1], factors[0].right.shape[-1]
+        k = len(factors)
+        lengths = v.sum(-1).tolist()
+        batched = len(lengths) * ref.route_cost(k * (hi - lo), a, b)
+        looped = sum(ref.route_cost(k * n, a, b) + ref.LAUNCH_FLOPS for n in lengths)
+        loop_examples = looped < batched
     if not loop_examples:
         left = torch.cat([_rows(f.left[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype)
                           for f in factors], dim=1)

@@ -31,6 +31,12 @@ import torch
 TEMP_BUDGET = 1 << 24
 
 
+# Fixed cost of one extra round of small kernels (launch, threading), in FLOP
+# equivalents; used to decide whether reducing a ragged batch example by
+# example (no padding work, B times the launches) beats one padded batch.
+LAUNCH_FLOPS = 2_000_000
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate half-precision inputs in float32; keep float32 and float64."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -49,6 +55,11 @@ def ghost_cost(n: int, a: int, b: int) -> int:
 def choose_route(n: int, a: int, b: int) -> str:
     """``"direct"`` or ``"ghost"``, whichever the FLOP model says is cheaper."""
     return "ghost" if ghost_cost(n, a, b) < direct_cost(n, a, b) else "direct"
+
+
+def route_cost(n: int, a: int, b: int) -> int:
+    """FLOPs of the cheaper route for one example with ``n`` rows."""
+    return min(direct_cost(n, a, b), ghost_cost(n, a, b))
 
 
 def outer_sq_norms_direct_ref(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
