@@ -139,7 +139,5 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), attr) or attr in getattr(model, "__dict__", {}):
-            return bool(getattr(model, attr))
-    return False
+    # Hugging Face marks every module that re-runs in the backward this way.
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

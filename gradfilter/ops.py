@@ -36,6 +36,8 @@ def backend() -> str:
 def _rows(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` with every row outside ``mask`` set to exactly zero, in ``dtype``."""
     t = t.to(dtype)
+    if bool(mask.all()):
+        return t
     return torch.where(mask.unsqueeze(-1), t, torch.zeros((), dtype=dtype, device=t.device))
 
 

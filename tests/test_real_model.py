@@ -1,0 +1,60 @@
+"""The real SmolLM2-135M-Instruct proxy on real Alpaca rows: the engine matches the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradfilter import per_example_grad_norms
+from gradfilter.baselines import loop_per_example_grad_norms
+from gradfilter.data import encode_pair, format_prompt, pad_batch
+
+DATA = Path(os.environ.get("GRADFILTER_SHARED_DATA",
+                           Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    path = DATA / "alpaca_9k.json"
+    if not path.exists():
+        pytest.skip(f"real Alpaca sample not found at {path} (set GRADFILTER_SHARED_DATA)")
+    rows = json.loads(path.read_text("utf-8"))
+    return [rows[i] for i in (0, 1, 2, 5, 7)][:n]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        from gradfilter.models import load_proxy, smollm2_gguf_path
+
+        smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_proxy()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval(), tok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_smollm2_alpaca_matches_loop(smollm2, side):
+    model, tok = smollm2
+    rows = alpaca_rows(5)
+    enc = [encode_pair(tok, format_prompt(r), r["output"], 96) for r in rows]
+    ids, labels, mask = pad_batch(enc, tok.pad_token_id, side=side)
+    assert mask.sum(-1).min() < mask.shape[1]  # the batch really is ragged
+    got = per_example_grad_norms(model, ids, labels, mask)
+    want = loop_per_example_grad_norms(model, ids, labels, mask)
+    assert torch.isfinite(got).all() and (got > 0).all()
+    rel = ((got.double() - want.double()).abs() / want.double()).max().item()
+    assert rel <= 1e-4, (rel, got, want)
