@@ -5,6 +5,7 @@ extension is touched until a backend is used.
 """
 
 from .api import per_example_grad_norms
+from .ensemble import LoRAEnsemble
 
 __version__ = "0.1.0"
-__all__ = ["per_example_grad_norms", "__version__"]
+__all__ = ["LoRAEnsemble", "per_example_grad_norms", "__version__"]

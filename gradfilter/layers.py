@@ -101,9 +101,28 @@ def _is_hf(module: nn.Module, name: str, where: str) -> bool:
     return cls.__name__ == name and cls.__module__.startswith(where)
 
 
+_REGISTRY: dict[type, Rule] = {}
+
+
+def register_rule(cls: type, rule: Rule) -> None:
+    """Give layer type ``cls`` (exactly, not its subclasses) a fast-route rule.
+
+    ``rule(module, x, g)`` returns ``{local parameter name: Factor}`` for the
+    trainable ``weight`` / ``bias`` of one call; see :class:`Factor`.
+    """
+    _REGISTRY[cls] = rule
+
+
+def linear_rule(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, Factor]:
+    """The rule of ``y = x W^T (+ b)``: any layer whose per-row gradient is ``g (x) x``."""
+    return _linear(module, x, g)
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The fast-route rule for ``module``'s own parameters, or None (fallback)."""
     cls = type(module)
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
     if cls is nn.Linear:
         return _linear
     if _is_hf(module, "Conv1D", "transformers.pytorch_utils"):

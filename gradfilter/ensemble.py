@@ -1,0 +1,432 @@
+"""M LoRA members over one frozen base, in one forward and one backward.
+
+The member dimension is folded into the batch: a batch of B examples becomes
+``M * B`` rows, member-major (rows ``m*B .. m*B+B-1`` belong to member m).
+Frozen base layers see one GEMM over all rows; each adapted layer holds
+stacked factors ``A: [M, r, d_in]`` and ``B: [M, d_out, r]`` and applies them
+per member block with a batched matmul:
+
+    y = x W0^T (+ b) + s * (dropout_m(x) A_m^T) B_m^T,   s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+Members differ by seed: LoRA init, data order and dropout masks.  Because a
+row only reaches its own member's slice of ``A`` and ``B``, the per-row
+gradient of the stacked parameters is the per-example gradient of that
+member, and :func:`gradfilter.per_example_grad_norms` on the folded batch gives
+all ``[M, B]`` norms at once.  Elementwise optimisers (AdamW) over the stacked
+parameters are exactly M independent optimisers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import zlib
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import stack_module_state
+
+from .layers import linear_rule, register_rule
+
+ATTENTION_TARGETS = {
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class StackedLinear(nn.Module):
+    """M bias-free linear maps ``[M, out, in]`` applied to member-major row blocks."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.members
+        lead = x.shape[:-1]
+        if lead[0] % m:
+            raise ValueError(f"{lead[0]} rows cannot be split between {m} members")
+        xb = x.reshape(m, -1, x.shape[-1])
+        y = torch.bmm(xb, self.weight.transpose(1, 2))
+        return y.reshape(*lead, self.weight.shape[1])
+
+
+# Per row, the gradient of a member's slice is g (x) x, as for nn.Linear.
+register_rule(StackedLinear, linear_rule)
+
+
+class _Adapter(nn.Module):
+    """The stacked LoRA factors of one adapted layer."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_A = StackedLinear(a)
+        self.lora_B = StackedLinear(b)
+        self.scaling = scaling
+        self.dropout = dropout
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # GPT-2 Conv1D: weight [in, out]
+    return w.shape[0], w.shape[1]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    mtype = getattr(getattr(model, "config", None), "model_type", "")
+    if mtype in ATTENTION_TARGETS:
+        return ATTENTION_TARGETS[mtype]
+    return LLAMA_LIKE_TARGETS
+
+
+def _match(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class LoRAEnsemble(nn.Module):
+    """An ensemble of M LoRA adapters on one frozen causal LM.
+
+    Args:
+        base_model: a Hugging Face causal LM; its parameters are frozen.
+        members: M, the number of adapters.
+        r, alpha: LoRA rank and alpha; ``use_rslora`` scales by alpha/sqrt(r).
+        dropout: LoRA dropout probability (train mode only; each member draws
+            its own masks from its own generator).
+        target_modules: layer name suffixes to adapt; None = all attention
+            projections; ``"all-linear"`` = every Linear / Conv1D but the LM head.
+        seed: member m's seed is ``seed + m`` unless ``member_seeds`` is given.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        members: int = 5,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.05,
+        target_modules: Sequence[str] | str | None = None,
+        seed: int = 0,
+        *,
+        member_seeds: Sequence[int] | None = None,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if members < 1:
+            raise ValueError(f"members must be at least 1, got {members}")
+        if r < 1:
+            raise ValueError(f"rank r must be at least 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.member_seeds = list(member_seeds) if member_seeds is not None else [
+            seed + m for m in range(members)
+        ]
+        if len(self.member_seeds) != members:
+            raise ValueError(f"{len(self.member_seeds)} member seeds for {members} members")
+        self.members, self.r, self.alpha, self.dropout = members, r, alpha, dropout
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.base = base_model
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+        if target_modules is None:
+            target_modules = _default_targets(base_model)
+        self.target_modules = target_modules
+        lm_head = base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
+        self._targets: dict[str, nn.Module] = {}
+        for name, module in base_model.named_modules():
+            if not (isinstance(module, nn.Linear) or _is_conv1d(module)) or module is lm_head:
+                continue
+            if target_modules == "all-linear" or (
+                not isinstance(target_modules, str) and _match(name, target_modules)
+            ):
+                self._targets[name] = module
+        if not self._targets:
+            raise ValueError(
+                f"no Linear or Conv1D layer of the model matches target_modules={target_modules!r}"
+            )
+
+        param = next(base_model.parameters())
+        self.adapters = nn.ModuleDict()
+        for name, module in self._targets.items():
+            d_in, d_out = _in_out(module)
+            a, b = self._init_factors(name, d_in, d_out, param.dtype, param.device)
+            self.adapters[_key(name)] = _Adapter(a, b, self.scaling, dropout)
+
+        self._generators = [
+            torch.Generator(device=param.device).manual_seed(_mix(s, 0xD509)) for s in self.member_seeds
+        ]
+        self._active = False
+        self._member_lengths: list[int] | None = None
+        self._hooks = [
+            module.register_forward_hook(self._make_hook(self.adapters[_key(name)]))
+            for name, module in self._targets.items()
+        ]
+        self.eval()
+
+    # -- construction ---------------------------------------------------------------
+
+    def _init_factors(self, layer: str, d_in: int, d_out: int, dtype: torch.dtype,
+                      device: torch.device):
+        """Per-member init from the member's seed: A as nn.Linear's default
+        (Kaiming-uniform), B zero, stacked with ``torch.func.stack_module_state``."""
+        mods = []
+        for s in self.member_seeds:
+            gen = torch.Generator().manual_seed(_mix(s, zlib.crc32(layer.encode())))
+            lin = nn.Linear(d_in, self.r, bias=False)
+            bound = 1.0 / math.sqrt(d_in)
+            with torch.no_grad():
+                lin.weight.copy_(torch.rand(self.r, d_in, generator=gen) * 2 * bound - bound)
+            mods.append(lin)
+        params, _ = stack_module_state(mods)
+        a = params["weight"].detach().to(device=device, dtype=dtype).clone()
+        b = torch.zeros(self.members, d_out, self.r, dtype=dtype, device=device)
+        return a, b
+
+    def _make_hook(self, adapter: _Adapter):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if not self._active:
+                return None
+            x = args[0]
+            if self.training and adapter.dropout > 0:
+                x = self._dropout(x, adapter.dropout)
+            return output + adapter.lora_B(adapter.lora_A(x)) * adapter.scaling
+
+        return hook
+
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Inverted dropout with each member's own generator.  A member's mask has
+        the shape of its own batch ([B, T_m, d]), so its random stream does not
+        depend on what the other members are doing."""
+        m = self.members
+        blocks = x.reshape(m, -1, *x.shape[1:])
+        lengths = self._member_lengths or [x.shape[1]] * m
+        out = []
+        for i in range(m):
+            shape = (blocks.shape[1], lengths[i], *x.shape[2:])
+            keep = torch.rand(shape, generator=self._generators[i], device=x.device) >= p
+            mask = torch.ones(blocks.shape[1:], dtype=x.dtype, device=x.device)
+            mask[:, : lengths[i]] = keep.to(x.dtype) / (1.0 - p)
+            out.append(blocks[i] * mask)
+        return torch.stack(out).reshape(x.shape)
+
+    # -- running --------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    @contextmanager
+    def _folded(self, member_lengths: list[int] | None = None) -> Iterator[None]:
+        self._active, self._member_lengths = True, member_lengths
+        try:
+            yield
+        finally:
+            self._active, self._member_lengths = False, None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Run the base on member-major folded rows ``[M * B, T]`` with the adapters."""
+        if input_ids.shape[0] % self.members:
+            raise ValueError(
+                f"{input_ids.shape[0]} rows is not a multiple of {self.members} members; "
+                "fold a batch with LoRAEnsemble.fold"
+            )
+        with self._folded(kwargs.pop("member_lengths", None)):
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def fold(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, ...] -> [M * B, ...]``: every member sees the same batch."""
+        return None if t is None else t.repeat(self.members, *([1] * (t.dim() - 1)))
+
+    def per_example_grad_norms(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        per_param: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``[M, B]``: norm of each example's loss gradient for each member's LoRA
+        parameters, from one forward and one backward of the folded batch (eval mode)."""
+        from .api import per_example_grad_norms
+
+        bsz = input_ids.shape[0]
+        out = per_example_grad_norms(
+            self, self.fold(input_ids), self.fold(labels), self.fold(attention_mask),
+            reduction=reduction, per_param=per_param,
+        )
+        if per_param:
+            return {k: v.reshape(self.members, bsz) for k, v in out.items()}
+        return out.reshape(self.members, bsz)
+
+    def member_losses(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+        member_lengths: list[int] | None = None,
+    ) -> torch.Tensor:
+        """``[M]`` training losses of folded rows: each member's mean token
+        cross-entropy over its own block (the Hugging Face causal LM convention)."""
+        out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   member_lengths=member_lengths)
+        logits = out.logits[:, :-1]
+        target = labels[:, 1:]
+        flat = logits.reshape(-1, logits.shape[-1])
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        ce = torch.nn.functional.cross_entropy(
+            flat, target.reshape(-1),
+            ignore_index=-100, reduction="none",
+        ).reshape(self.members, -1)
+        count = (target != -100).reshape(self.members, -1).sum(-1)
+        return ce.sum(-1) / count.clamp(min=1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.adapters.parameters()]
+
+    def make_optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """AdamW over the stacked factors: elementwise, so M independent optimisers."""
+        return torch.optim.AdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+
+    def train_step(
+        self,
+        member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        optimizer: torch.optim.Optimizer,
+    ) -> torch.Tensor:
+        """One optimiser step for all members, each on its own batch.
+
+        member_batches: M tuples ``(input_ids, labels, attention_mask)`` of equal
+        batch size (right-padded; lengths may differ).  Returns the ``[M]`` losses.
+        """
+        if len(member_batches) != self.members:
+            raise ValueError(f"{len(member_batches)} batches for {self.members} members")
+        seq = max(b[0].shape[1] for b in member_batches)
+        lengths = [b[0].shape[1] for b in member_batches]
+        ids, labels, mask = (torch.cat([_pad_right(b[k], seq, v) for b in member_batches])
+                             for k, v in ((0, 0), (1, -100), (2, 0)))
+        device = next(self.adapters.parameters()).device
+        was = self.training
+        self.train()
+        self.base.eval()  # base dropout off; only the adapters' dropout is active
+        try:
+            with torch.enable_grad():
+                losses = self.member_losses(ids.to(device), labels.to(device), mask.to(device), lengths)
+                optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                optimizer.step()
+        finally:
+            self.train(was)
+        return losses.detach()
+
+    # -- members ----------------------------------------------------------------------
+
+    def member_state(self, m: int) -> dict[str, torch.Tensor]:
+        """Member m's factors under peft's key names (``<layer>.lora_A.weight``)."""
+        out = {}
+        for name in self._targets:
+            ad = self.adapters[_key(name)]
+            out[f"base_model.model.{name}.lora_A.weight"] = ad.lora_A.weight[m].detach().clone()
+            out[f"base_model.model.{name}.lora_B.weight"] = ad.lora_B.weight[m].detach().clone()
+        return out
+
+    def export_member(self, m: int, path: str) -> str:
+        """Write member m as a standard peft LoRA adapter (``PeftModel.from_pretrained``)."""
+        from safetensors.torch import save_file
+
+        if not 0 <= m < self.members:
+            raise IndexError(f"member {m} out of range [0, {self.members})")
+        os.makedirs(path, exist_ok=True)
+        conv1d = any(_is_conv1d(mod) for mod in self._targets.values())
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": getattr(getattr(self.base, "config", None), "_name_or_path", None),
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+            "target_modules": sorted(self._targets),
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        state = {k: v.contiguous() for k, v in self.member_state(m).items()}
+        save_file(state, os.path.join(path, "adapter_model.safetensors"))
+        return path
+
+    def remove(self) -> nn.Module:
+        """Detach from the base model (removes the hooks) and return the base."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return self.base
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "__", name)
+
+
+def _mix(seed: int, salt: int) -> int:
+    """A 63-bit seed from (seed, salt), so streams of different purposes differ."""
+    x = (seed * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def _pad_right(t: torch.Tensor, seq: int, value: int) -> torch.Tensor:
+    if t.shape[1] == seq:
+        return t
+    pad = torch.full((t.shape[0], seq - t.shape[1]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)
+
+
+def member_schedule(
+    lengths: Sequence[int],
+    batch_size: int,
+    epoch: int,
+    member_seeds: Sequence[int],
+    data_seed: int,
+    level_batches: int = 4,
+) -> list[list[list[int]]]:
+    """Training batches of one epoch: ``steps x members x row indices``.
+
+    Rows are sorted by length and cut into levels of ``level_batches`` batches.
+    The order of the levels is shared (``data_seed``), so at every step all
+    members train on rows of similar length and the folded batch has little
+    padding; within a level each member draws its own order (its seed), so the
+    members see different data orders.  Every row is seen once per epoch by
+    every member.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    size = batch_size * level_batches
+    levels = [order[i : i + size] for i in range(0, n, size)]
+    shared = torch.Generator().manual_seed(_mix(data_seed, 1000 + epoch))
+    level_order = torch.randperm(len(levels), generator=shared).tolist()
+    per_member = []
+    for s in member_seeds:
+        gen = torch.Generator().manual_seed(_mix(s, 2000 + epoch))
+        steps = []
+        for li in level_order:
+            level = levels[li]
+            perm = torch.randperm(len(level), generator=gen).tolist()
+            shuffled = [level[j] for j in perm]
+            steps += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+        per_member.append(steps)
+    return [list(step) for step in zip(*per_member)]
