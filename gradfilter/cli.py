@@ -1,4 +1,10 @@
-"""Command line: ``gradfilter demo`` and ``gradfilter norms``."""
+"""Command line.
+
+``gradfilter score [DATA] -o OUTDIR``   G-SNR scores of every row (DATA defaults
+                                        to the shipped demo set)
+``gradfilter select OUTDIR --ratio R``  the top rows, in the input's own format
+``gradfilter demo`` / ``norms FILE``    per-example gradient norms only
+"""
 
 from __future__ import annotations
 
@@ -122,10 +128,147 @@ def _key(x: float) -> float:
     return float("-inf") if x != x else x
 
 
+def _score(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from .pipeline import ScoreConfig, score
+
+    data = args.data
+    if data is None:
+        data = str(resources.files("gradfilter").joinpath("resources/demo.jsonl"))
+        print(f"no DATA given: scoring the shipped demo set ({data})", file=sys.stderr)
+    fields = {}
+    for item in args.field or []:
+        if "=" not in item:
+            raise SystemExit(f"--field expects NAME=COLUMN, got {item!r}")
+        k, v = item.split("=", 1)
+        fields[k] = v
+    targets = args.targets
+    if targets is not None and targets != "all-linear":
+        targets = [t for t in targets.split(",") if t]
+    config = ScoreConfig(
+        proxy=args.proxy, members=args.members, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, targets=targets, epochs=args.epochs, early=args.early,
+        late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget,
+        max_length=args.max_length, seed=args.seed, template=args.template,
+        reduction=args.reduction, drop=args.drop, spread=args.spread, of=args.of,
+        ddof=args.ddof, eps=args.eps, fields=fields, checkpoint_seconds=args.checkpoint_seconds,
+    )
+    try:
+        result = score(data, None if args.dry_run else args.output, config,
+                       progress=not args.no_progress, dry_run=args.dry_run)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(result.run["plan"], indent=2))
+        return 0
+    run = result.run
+    print(f"scored {run['plan']['scorable_rows']} of {run['plan']['rows']} rows in "
+          f"{run['timings']['total_s']:.1f} s ({run['tokens_per_second']:.0f} tokens/s, "
+          f"padding {100 * run['padding_fraction']:.1f}%); wrote {args.output}/scores.jsonl, "
+          f"run.json and plots")
+    _show(result, args.show)
+    return 0
+
+
+def _show(result: Any, k: int) -> None:
+    recs = sorted((r for r in result.records if r["gsnr"] is not None), key=lambda r: r["rank"])
+    rows = {r.index: r for r in result.rows}
+
+    def line(r: dict) -> str:
+        row = rows[r["index"]]
+        if row.kind == "chat":
+            text = " | ".join(m.get("content", "") for m in row.messages or [])
+        else:
+            text = f"{row.instruction} -> {row.output}"
+        return f"{r['rank']:5d}  {r['gsnr']:12.4g}  row {r['index']:5d}  {text.replace(chr(10), ' ')[:80]}"
+
+    if k and recs:
+        print(f"\ntop {min(k, len(recs))} by G-SNR (rank, G-SNR, row, text):")
+        for r in recs[:k]:
+            print(line(r))
+        print(f"\nbottom {min(k, len(recs))}:")
+        for r in recs[-k:]:
+            print(line(r))
+    bad = [r for r in result.records if r["status"] != "ok"]
+    if bad:
+        print(f"\n{len(bad)} rows not scored:")
+        for r in bad[:k or 10]:
+            print(f"  row {r['index']}: {r['status']}")
+
+
+def _select(args: argparse.Namespace) -> int:
+    from .pipeline import select
+
+    if (args.ratio is None) == (args.top_k is None):
+        raise SystemExit("give exactly one of --ratio and --top-k")
+    try:
+        written, chosen = select(args.outdir, ratio=args.ratio, top_k=args.top_k,
+                                 output=args.output, order=args.order)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"selected {len(chosen)} rows -> {written}")
+    return 0
+
+
+def _add_score_parser(sub: Any) -> None:
+    p = sub.add_parser("score", help="G-SNR scores of every row of an instruction dataset")
+    p.add_argument("data", nargs="?", default=None,
+                   help="Alpaca JSON/JSONL, chat messages JSONL, Parquet or a saved HF dataset "
+                        "(default: the shipped demo set)")
+    p.add_argument("-o", "--output", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--proxy", default=None,
+                   help="hub id (e.g. gpt2), local model folder or .gguf file "
+                        "(default: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--targets", default=None,
+                   help="comma-separated layer names, or all-linear (default: attention projections)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--early", type=int, default=1, help="early snapshot after this epoch")
+    p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per member per step")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="snapshot batches hold at most this many tokens per member")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", default=None,
+                   help="prompt template with {instruction} and {input} (Alpaca rows)")
+    p.add_argument("--reduction", choices=["mean", "sum"], default="mean")
+    p.add_argument("--drop", choices=["normalized", "log_ratio", "unnormalized"], default="normalized")
+    p.add_argument("--spread", choices=["var", "std"], default="var")
+    p.add_argument("--of", choices=["squared", "norm"], default="squared")
+    p.add_argument("--ddof", type=int, choices=[0, 1], default=0)
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--field", action="append", metavar="NAME=COLUMN",
+                   help="map a field: instruction, input, output, messages or id")
+    p.add_argument("--dry-run", action="store_true", help="report rows, tokens and planned work only")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-seconds", type=float, default=60.0,
+                   help="save the resumable state at most this often (default 60)")
+    p.add_argument("--show", type=int, default=5, help="print the top and bottom N rows")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("select", help="write the top rows of a scored run")
+    p.add_argument("outdir")
+    p.add_argument("--ratio", type=float, default=None, help="keep floor(ratio x input rows)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("-o", "--output", default=None, help="default OUTDIR/selected.<input format>")
+    p.add_argument("--order", choices=["rank", "input"], default="rank")
+    p.set_defaults(func=_select)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_score_parser(sub)
     for name, helptext in (
         ("demo", "per-example LoRA gradient norms of the shipped demo set on the offline proxy"),
         ("norms", "per-example LoRA gradient norms of an Alpaca JSON/JSONL file"),
@@ -147,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="std of a random LoRA B init (0 keeps peft's zeros)")
         p.add_argument("--check", type=int, default=4 if name == "demo" else 0,
                        help="verify the first N rows against the per-example autograd loop")
-        p.set_defaults(data=None, output=None)
+        p.set_defaults(data=None, output=None, func=_norms)
     args = parser.parse_args(argv)
-    return _norms(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,27 @@ def load_proxy(
             "cache. Pass a local checkpoint directory or .gguf file, or use "
             "name_or_path=None for the bundled SmolLM2-135M-Instruct GGUF."
         ) from err
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level tokenizer whose 97 ids fit the tiny models' vocabulary.
+
+    Ids: 0 ``<pad>``, 1 ``</s>`` (eos), 2 ``<unk>``, then the 94 ASCII characters
+    from space to ``}``, one token each; anything else is ``<unk>``.  It has a
+    small chat template (``<|role|>content</s>``), so chat rows can be tested too.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 126)]  # space .. '}' : 94 characters
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(chars)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return fast

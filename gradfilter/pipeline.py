@@ -1,0 +1,532 @@
+"""GradFiltering end to end: rows -> tokens -> LoRA ensemble -> G-SNR -> ranking.
+
+``score`` trains an ensemble of M LoRA members on the proxy for ``epochs``
+epochs (all members in one folded forward/backward per step), takes each
+example's per-member squared gradient norms in two snapshot passes (after epoch
+``early`` and epoch ``late``; eval mode, norms only, no optimiser step), turns
+them into G-SNR and its parts, and writes ``OUTDIR/scores.jsonl`` (one row per
+input row, in input order), ``OUTDIR/run.json`` and two plots.
+
+The run checkpoints to ``OUTDIR/checkpoint.pt`` as it goes (training state,
+dropout generators, finished snapshot batches), so the same command after a
+kill resumes where it stopped and ends with the same scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SCORES_FILE = "scores.jsonl"
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class ScoreConfig:
+    """Everything that determines a scoring run (and so its checkpoint)."""
+
+    proxy: str | None = None  # hub id, local folder, .gguf file; None = offline SmolLM2-135M
+    members: int = 5
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | str | None = None  # None = attention projections; "all-linear"
+    epochs: int = 2
+    early: int = 1
+    late: int = 2
+    lr: float = 2e-4
+    batch_size: int = 8
+    token_budget: int | None = None  # snapshot batches: at most this many tokens per member
+    max_length: int = 512
+    seed: int = 0
+    template: str | None = None
+    reduction: str = "mean"
+    drop: str = "normalized"
+    spread: str = "var"
+    of: str = "squared"
+    ddof: int = 0
+    eps: float = 1e-8
+    fields: dict[str, str] = field(default_factory=dict)
+    checkpoint_seconds: float = 60.0
+
+    def validate(self) -> None:
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, got {self.members}")
+        if not 1 <= self.early < self.late <= self.epochs:
+            raise ValueError(
+                f"need 1 <= early < late <= epochs, got early={self.early}, late={self.late}, "
+                f"epochs={self.epochs}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.token_budget is not None and self.token_budget < self.max_length:
+            raise ValueError(
+                f"token_budget ({self.token_budget}) must be at least max_length ({self.max_length})"
+            )
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        self.gsnr_config()  # validates the G-SNR options
+
+    def gsnr_config(self):
+        from .gsnr import GSNRConfig
+
+        return GSNRConfig(drop=self.drop, spread=self.spread, of=self.of, ddof=self.ddof, eps=self.eps)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree on to be resumed."""
+        d = dataclasses.asdict(self)
+        d.pop("checkpoint_seconds")
+        return d
+
+
+@dataclass
+class ScoreResult:
+    """What ``score`` returns: the per-row records and the run summary."""
+
+    records: list[dict[str, Any]]
+    run: dict[str, Any]
+    outdir: str | None
+    rows: list[Any] = field(repr=False, default_factory=list)
+    source: Any = field(repr=False, default=None)
+
+    def select(self, ratio: float | None = None, top_k: int | None = None,
+               output: str | None = None, order: str = "rank"):
+        """The top rows, written in the input's own format (see :func:`select`)."""
+        return _select_from(self.records, self.rows, self.source, ratio, top_k, output, order)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _fingerprint(rows: list[Any]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r.index}\x1f{r.id}\x1f{r.status}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _collate(encoded: list[Any], idx: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    from .data import Encoded, pad_batch
+
+    return pad_batch([Encoded(encoded[i].input_ids, encoded[i].labels, encoded[i].truncated)
+                      for i in idx], pad_id)
+
+
+def snapshot_batches(lengths: list[int], batch_size: int, token_budget: int | None) -> list[list[int]]:
+    """Snapshot batches over rows sorted by length (little padding): at most
+    ``batch_size`` rows, or, with a token budget, at most ``token_budget`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = max([lengths[j] for j in cur] + [lengths[i]])
+        too_many = (len(cur) + 1) * longest > token_budget if token_budget else len(cur) >= batch_size
+        if cur and too_many:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {
+        "gradfilter": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# -- scoring --------------------------------------------------------------------------------
+
+
+def prepare(data: Any, config: ScoreConfig, tokenizer: Any):
+    """Load and tokenise the rows: ``(rows, source, encoded)``; encoded[i] is None
+    for rows that cannot be scored (their status says why)."""
+    from .data import encode_row
+    from .rows import load_rows
+
+    rows, source = load_rows(data, fields=config.fields or None)
+    encoded: list[Any] = []
+    for row in rows:
+        if row.status != "ok":
+            encoded.append(None)
+            continue
+        try:
+            enc = encode_row(row, tokenizer, config.max_length, config.template)
+        except ValueError as e:
+            row.status = f"cannot tokenise: {e}"
+            encoded.append(None)
+            continue
+        if enc.n_response_tokens == 0:
+            row.status = (f"no response token within max_length={config.max_length} "
+                          f"(the row has {enc.n_tokens} tokens)")
+            encoded.append(None)
+            continue
+        encoded.append(enc)
+    return rows, source, encoded
+
+
+def score(
+    data: Any,
+    outdir: str | None = None,
+    config: ScoreConfig | None = None,
+    *,
+    progress: bool = True,
+    dry_run: bool = False,
+    log: Callable[[str], None] | None = None,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+    stop_after: int | None = None,
+) -> ScoreResult:
+    """Score every row of ``data`` by G-SNR.
+
+    Args:
+        data: a path (Alpaca JSON/JSONL, chat ``messages`` JSONL, Parquet, a saved
+            Hugging Face dataset), a list of dicts, or a ``datasets.Dataset``.
+        outdir: where scores, run summary, plots and the checkpoint go; None keeps
+            everything in memory (no resume).
+        config: the run's settings (:class:`ScoreConfig`).
+        dry_run: report rows, tokens and the planned work, then stop.
+        model_and_tokenizer: use this proxy instead of loading ``config.proxy``.
+        stop_after: stop (as if killed) after this many training steps; for tests.
+    """
+    config = config or ScoreConfig()
+    config.validate()
+    say = log or (lambda s: print(s, file=sys.stderr))
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    t0 = time.perf_counter()
+    if model_and_tokenizer is None:
+        from .models import load_proxy
+
+        model, tok = load_proxy(config.proxy)
+    else:
+        model, tok = model_and_tokenizer
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        # sdpa keeps the attention matrices out of the saved activations.
+        model.config._attn_implementation = "sdpa"
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows, source, encoded = prepare(data, config, tok)
+    timings["tokenize_s"] = time.perf_counter() - t0
+    ok = [i for i, e in enumerate(encoded) if e is not None]
+    lengths = [len(encoded[i].input_ids) for i in ok]
+    statuses: dict[str, int] = {}
+    for r in rows:
+        key = r.status.split(" (")[0].split(":")[0]
+        statuses[key] = statuses.get(key, 0) + 1
+
+    from .ensemble import member_schedule
+
+    steps_per_epoch = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
+    snaps = snapshot_batches(lengths, config.batch_size, config.token_budget)
+    plan = {
+        "rows": len(rows),
+        "scorable_rows": len(ok),
+        "statuses": statuses,
+        "tokens": int(sum(lengths)),
+        "truncated_rows": sum(1 for e in encoded if e is not None and e.truncated),
+        "training_steps": steps_per_epoch * config.epochs,
+        "snapshot_batches": 2 * len(snaps),
+        "member_sequences_processed": len(ok) * config.members * (config.epochs + 2),
+    }
+    say(f"{plan['rows']} rows ({plan['scorable_rows']} scorable; {statuses}), "
+        f"{plan['tokens']} tokens, {plan['truncated_rows']} truncated; plan: "
+        f"{config.epochs} epochs x {steps_per_epoch} steps and 2 snapshot passes x "
+        f"{len(snaps)} batches, {config.members} members in each folded pass")
+    if dry_run:
+        return ScoreResult([], {"plan": plan, "config": dataclasses.asdict(config)}, outdir, rows, source)
+    if not ok:
+        raise ValueError("no row can be scored: " + json.dumps(statuses))
+
+    from .ensemble import LoRAEnsemble
+
+    torch.manual_seed(config.seed)
+    ens = LoRAEnsemble(model, members=config.members, r=config.rank, alpha=config.alpha,
+                       dropout=config.dropout, target_modules=config.targets, seed=config.seed)
+    opt = ens.make_optimizer(lr=config.lr)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    m = config.members
+    early_sq = np.full((len(ok), m), np.nan)
+    late_sq = np.full((len(ok), m), np.nan)
+    state = {"epoch": 0, "step": 0, "snapshot": None, "snap_batch": 0, "snaps_done": [],
+             "tokens": 0, "padded": 0, "train_s": 0.0, "snapshot_s": 0.0, "losses": []}
+
+    ckpt_path = os.path.join(outdir, CHECKPOINT_FILE) if outdir else None
+    identity = {"config": config.identity(), "rows": _fingerprint(rows)}
+    if outdir:
+        os.makedirs(outdir, exist_ok=True)
+        if os.path.exists(ckpt_path):
+            ck = torch.load(ckpt_path, weights_only=False)
+            if ck["identity"] != identity:
+                raise ValueError(
+                    f"{outdir} holds a checkpoint of a different run (other data or settings); "
+                    "use another output folder or delete it"
+                )
+            ens.adapters.load_state_dict(ck["adapters"])
+            opt.load_state_dict(ck["optimizer"])
+            for g, s in zip(ens._generators, ck["generators"]):
+                g.set_state(s)
+            early_sq, late_sq, state = ck["early_sq"], ck["late_sq"], ck["state"]
+            say(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}, "
+                f"snapshot {state['snapshot']} batch {state['snap_batch']}")
+
+    def save() -> None:
+        if not ckpt_path:
+            return
+        _atomic_torch_save({
+            "identity": identity,
+            "adapters": ens.adapters.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generators": [g.get_state() for g in ens._generators],
+            "early_sq": early_sq, "late_sq": late_sq, "state": state,
+        }, ckpt_path)
+
+    total = steps_per_epoch * config.epochs + 2 * len(snaps)
+    done = (state["epoch"] * steps_per_epoch + state["step"]
+            + len(snaps) * len(state["snaps_done"]) + state["snap_batch"])
+    bar = _progress(total, "scoring", progress)
+    bar.update(min(done, total))
+    last_save = time.perf_counter()
+    steps_run = 0
+
+    def run_snapshot(which: str, target: np.ndarray) -> None:
+        nonlocal last_save
+        if state["snapshot"] != which:
+            state["snapshot"], state["snap_batch"] = which, 0
+        t = time.perf_counter()
+        for bi in range(state["snap_batch"], len(snaps)):
+            idx = snaps[bi]
+            ids, labels, mask = _collate(encoded, [ok[j] for j in idx], pad_id)
+            norms = ens.per_example_grad_norms(ids, labels, mask, reduction=config.reduction)
+            target[idx] = (norms.double() ** 2).T.numpy()
+            state["tokens"] += int(mask.sum()) * m
+            state["padded"] += int(mask.numel() - mask.sum()) * m
+            state["snap_batch"] = bi + 1
+            bar.update(1)
+            if time.perf_counter() - last_save > config.checkpoint_seconds:
+                state["snapshot_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                save()
+                last_save = time.perf_counter()
+        state["snapshot_s"] += time.perf_counter() - t
+        state["snapshot"], state["snap_batch"] = None, 0
+        state["snaps_done"].append(which)
+        save()
+        last_save = time.perf_counter()
+
+    def due_snapshots() -> None:
+        for which, after, target in (("early", config.early, early_sq), ("late", config.late, late_sq)):
+            if state["epoch"] >= after and which not in state["snaps_done"]:
+                run_snapshot(which, target)
+
+    # Snapshots that a resumed run had finished are skipped; one in progress goes on.
+    due_snapshots()
+    while state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        schedule = member_schedule(lengths, config.batch_size, epoch, ens.member_seeds, config.seed)
+        t = time.perf_counter()
+        while state["step"] < len(schedule):
+            step = schedule[state["step"]]
+            batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
+            losses = ens.train_step(batches, opt)
+            seq = max(b[0].shape[1] for b in batches)
+            real = sum(int(b[2].sum()) for b in batches)
+            state["tokens"] += real
+            state["padded"] += seq * sum(b[0].shape[0] for b in batches) - real
+            state["losses"].append([epoch, state["step"], losses.tolist()])
+            state["step"] += 1
+            bar.update(1)
+            steps_run += 1
+            if stop_after is not None and steps_run >= stop_after:
+                state["train_s"] += time.perf_counter() - t
+                save()
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {steps_run} training steps")
+            if time.perf_counter() - last_save > config.checkpoint_seconds:
+                state["train_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                save()
+                last_save = time.perf_counter()
+        state["train_s"] += time.perf_counter() - t
+        state["epoch"], state["step"] = epoch + 1, 0
+        save()
+        last_save = time.perf_counter()
+        due_snapshots()
+    bar.close()
+
+    timings["train_s"] = state["train_s"]
+    timings["snapshot_s"] = state["snapshot_s"]
+    records = _records(rows, encoded, ok, early_sq, late_sq, config)
+    total_tokens = state["tokens"] + state["padded"]
+    timings["total_s"] = time.perf_counter() - t_start
+    run = {
+        "config": dataclasses.asdict(config),
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "device": str(next(ens.adapters.parameters()).device)},
+        "seed": config.seed,
+        "source": {"kind": getattr(source, "kind", None), "path": getattr(source, "path", None)},
+        "plan": plan,
+        "timings": timings,
+        "tokens_processed": state["tokens"],
+        "tokens_per_second": state["tokens"] / max(1e-9, state["train_s"] + state["snapshot_s"]),
+        "padding_fraction": state["padded"] / max(1, total_tokens),
+        "member_seeds": ens.member_seeds,
+        "final_losses": state["losses"][-1][2] if state["losses"] else None,
+    }
+    ens.remove()
+    if outdir:
+        _write_outputs(outdir, records, run)
+    return ScoreResult(records, run, outdir, rows, source)
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _records(rows, encoded, ok, early_sq, late_sq, config: ScoreConfig) -> list[dict[str, Any]]:
+    from .gsnr import ablation_scores, gsnr_components, rank_scores
+
+    comp = gsnr_components(early_sq, late_sq, config.gsnr_config())
+    abl = ablation_scores(comp)
+    n = len(rows)
+    full = {k: np.full(n, np.nan) for k in ("gsnr", "drop", "late_var", "early_mean", "late_mean")}
+    for k in full:
+        full[k][ok] = comp[k]
+    ranks = rank_scores(full["gsnr"])
+    pos = {row_i: j for j, row_i in enumerate(ok)}
+    records = []
+    for i, row in enumerate(rows):
+        enc = encoded[i]
+        j = pos.get(i)
+        rec = {
+            "index": row.index,
+            "id": row.id,
+            "status": row.status,
+            "gsnr": _num(full["gsnr"][i]),
+            "drop": _num(full["drop"][i]),
+            "late_var": _num(full["late_var"][i]),
+            "early_mean": _num(full["early_mean"][i]),
+            "late_mean": _num(full["late_mean"][i]),
+            "early_sq": None if j is None else [_num(v) for v in early_sq[j]],
+            "late_sq": None if j is None else [_num(v) for v in late_sq[j]],
+            "n_tokens": None if enc is None else enc.n_tokens,
+            "n_response_tokens": None if enc is None else enc.n_response_tokens,
+            "truncated": None if enc is None else enc.truncated,
+            "rank": int(ranks[i]),
+        }
+        if j is not None:
+            for name, values in abl.items():
+                rec.setdefault("ablation", {})[name] = _num(values[j])
+        records.append(rec)
+    return records
+
+
+def _write_outputs(outdir: str, records: list[dict], run: dict) -> None:
+    from .plots import plot_drop_vs_variance, plot_gsnr_distribution
+
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    _atomic_write(os.path.join(outdir, SCORES_FILE), lines.encode("utf-8"))
+    _atomic_write(os.path.join(outdir, RUN_FILE), json.dumps(run, indent=2).encode("utf-8"))
+    g = np.array([np.nan if r["gsnr"] is None else r["gsnr"] for r in records])
+    d = np.array([np.nan if r["drop"] is None else r["drop"] for r in records])
+    v = np.array([np.nan if r["late_var"] is None else r["late_var"] for r in records])
+    top = np.array([r["rank"] <= max(1, len(records) // 10) and r["gsnr"] is not None for r in records])
+    threshold = float(np.nanmin(np.where(top, g, np.nan))) if top.any() else None
+    plot_gsnr_distribution(g, os.path.join(outdir, "gsnr_distribution.png"), threshold)
+    plot_drop_vs_variance(d, v, os.path.join(outdir, "drop_vs_variance.png"), top)
+
+
+# -- selection ------------------------------------------------------------------------------
+
+
+def read_scores(outdir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    path = os.path.join(outdir, SCORES_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `gradfilter score DATA -o {outdir}` first")
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(outdir, RUN_FILE), encoding="utf-8") as f:
+        run = json.load(f)
+    return records, run
+
+
+def _select_from(records, rows, source, ratio, top_k, output, order):
+    from .gsnr import select_top
+    from .rows import write_subset
+
+    g = np.array([np.nan if r["gsnr"] is None else r["gsnr"] for r in records])
+    chosen = select_top(g, ratio=ratio, top_k=top_k, n_rows=len(records)).tolist()
+    return write_subset(rows, source, chosen, output, order=order), chosen
+
+
+def select(outdir: str, ratio: float | None = None, top_k: int | None = None,
+           output: str | None = None, order: str = "rank"):
+    """Write the top rows of a finished run in the input's own format.
+
+    k = floor(ratio * input rows) (or ``top_k``), never more than the rows that
+    scored.  Returns ``(what write_subset returned, selected indices)``.
+    """
+    from .rows import load_rows
+
+    records, run = read_scores(outdir)
+    src = run.get("source", {})
+    if not src.get("path"):
+        raise ValueError(f"{outdir} was scored from in-memory rows; select from the ScoreResult")
+    rows, source = load_rows(src["path"], fields=run["config"].get("fields") or None)
+    if len(rows) != len(records):
+        raise ValueError(
+            f"{src['path']} now has {len(rows)} rows but was scored with {len(records)}; re-run score"
+        )
+    if output is None:
+        ext = {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}.get(source.kind, "")
+        output = os.path.join(outdir, "selected" + ext)
+    return _select_from(records, rows, source, ratio, top_k, output, order)
