@@ -149,7 +149,7 @@ def _score(args: argparse.Namespace) -> int:
     config = ScoreConfig(
         proxy=args.proxy, members=args.members, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=targets, epochs=args.epochs, early=args.early,
-        late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget,
+        late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
         max_length=args.max_length, seed=args.seed, template=args.template,
         reduction=args.reduction, drop=args.drop, spread=args.spread, of=args.of,
         ddof=args.ddof, eps=args.eps, fields=fields, checkpoint_seconds=args.checkpoint_seconds,
@@ -233,8 +233,9 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=8, help="rows per member per step")
-    p.add_argument("--token-budget", type=int, default=None,
-                   help="snapshot batches hold at most this many tokens per member")
+    p.add_argument("--token-budget", type=int, default=2048,
+                   help="at most this many padded tokens per member in one forward/backward: "
+                        "snapshot batches are cut, training steps accumulate (0 = no limit)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default=None,

@@ -168,14 +168,12 @@ class LoRAEnsemble(nn.Module):
             a, b = self._init_factors(name, d_in, d_out, param.dtype, param.device)
             self.adapters[_key(name)] = _Adapter(a, b, self.scaling, dropout)
 
-        self._generators = [
-            torch.Generator(device=param.device).manual_seed(_mix(s, 0xD509)) for s in self.member_seeds
-        ]
+        self.step = 0  # optimiser steps taken; keys the dropout masks
         self._active = False
-        self._member_lengths: list[int] | None = None
+        self._context: dict | None = None
         self._hooks = [
-            module.register_forward_hook(self._make_hook(self.adapters[_key(name)]))
-            for name, module in self._targets.items()
+            module.register_forward_hook(self._make_hook(self.adapters[_key(name)], layer))
+            for layer, (name, module) in enumerate(self._targets.items())
         ]
         self.eval()
 
@@ -198,32 +196,35 @@ class LoRAEnsemble(nn.Module):
         b = torch.zeros(self.members, d_out, self.r, dtype=dtype, device=device)
         return a, b
 
-    def _make_hook(self, adapter: _Adapter):
+    def _make_hook(self, adapter: _Adapter, layer: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             if not self._active:
                 return None
             x = args[0]
             if self.training and adapter.dropout > 0:
-                x = self._dropout(x, adapter.dropout)
+                x = self._dropout(x, adapter.dropout, layer)
             return output + adapter.lora_B(adapter.lora_A(x)) * adapter.scaling
 
         return hook
 
-    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """Inverted dropout with each member's own generator.  A member's mask has
-        the shape of its own batch ([B, T_m, d]), so its random stream does not
-        depend on what the other members are doing."""
+    def _dropout(self, x: torch.Tensor, p: float, layer: int) -> torch.Tensor:
+        """Inverted dropout whose mask for a row is a function of (member seed,
+        optimiser step, layer, row of the member's batch) alone, drawn over the
+        member's own batch length.  So a member gets the same masks whether it
+        trains alone or with others, and however a step is split into chunks."""
         m = self.members
         blocks = x.reshape(m, -1, *x.shape[1:])
-        lengths = self._member_lengths or [x.shape[1]] * m
-        out = []
+        ctx = self._context or {}
+        lengths = ctx.get("lengths") or [x.shape[1]] * m
+        first = ctx.get("first_row", 0)
+        mask = torch.ones_like(blocks)
         for i in range(m):
-            shape = (blocks.shape[1], lengths[i], *x.shape[2:])
-            keep = torch.rand(shape, generator=self._generators[i], device=x.device) >= p
-            mask = torch.ones(blocks.shape[1:], dtype=x.dtype, device=x.device)
-            mask[:, : lengths[i]] = keep.to(x.dtype) / (1.0 - p)
-            out.append(blocks[i] * mask)
-        return torch.stack(out).reshape(x.shape)
+            for j in range(blocks.shape[1]):
+                key = _mix(self.member_seeds[i], ((self.step * 65537 + layer) * 1000003) + first + j)
+                gen = torch.Generator(device=x.device).manual_seed(key)
+                keep = torch.rand((lengths[i], *x.shape[2:]), generator=gen, device=x.device) >= p
+                mask[i, j, : lengths[i]] = keep.to(x.dtype) / (1.0 - p)
+        return (blocks * mask).reshape(x.shape)
 
     # -- running --------------------------------------------------------------------
 
@@ -231,12 +232,12 @@ class LoRAEnsemble(nn.Module):
         return self.base.get_input_embeddings()
 
     @contextmanager
-    def _folded(self, member_lengths: list[int] | None = None) -> Iterator[None]:
-        self._active, self._member_lengths = True, member_lengths
+    def _folded(self, context: dict | None = None) -> Iterator[None]:
+        self._active, self._context = True, context
         try:
             yield
         finally:
-            self._active, self._member_lengths = False, None
+            self._active, self._context = False, None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Run the base on member-major folded rows ``[M * B, T]`` with the adapters."""
@@ -245,7 +246,7 @@ class LoRAEnsemble(nn.Module):
                 f"{input_ids.shape[0]} rows is not a multiple of {self.members} members; "
                 "fold a batch with LoRAEnsemble.fold"
             )
-        with self._folded(kwargs.pop("member_lengths", None)):
+        with self._folded(kwargs.pop("dropout_context", None)):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def fold(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -274,25 +275,24 @@ class LoRAEnsemble(nn.Module):
             return {k: v.reshape(self.members, bsz) for k, v in out.items()}
         return out.reshape(self.members, bsz)
 
-    def member_losses(
+    def member_ce_sums(
         self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-        member_lengths: list[int] | None = None,
-    ) -> torch.Tensor:
-        """``[M]`` training losses of folded rows: each member's mean token
-        cross-entropy over its own block (the Hugging Face causal LM convention)."""
+        dropout_context: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([M], [M])``: each member's summed token cross-entropy over its block
+        of folded rows, and its number of supervised tokens."""
         out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   member_lengths=member_lengths)
+                   dropout_context=dropout_context)
         logits = out.logits[:, :-1]
         target = labels[:, 1:]
         flat = logits.reshape(-1, logits.shape[-1])
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         ce = torch.nn.functional.cross_entropy(
-            flat, target.reshape(-1),
-            ignore_index=-100, reduction="none",
+            flat, target.reshape(-1), ignore_index=-100, reduction="none",
         ).reshape(self.members, -1)
         count = (target != -100).reshape(self.members, -1).sum(-1)
-        return ce.sum(-1) / count.clamp(min=1)
+        return ce.sum(-1), count
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.adapters.parameters()]
@@ -305,31 +305,51 @@ class LoRAEnsemble(nn.Module):
         self,
         member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         optimizer: torch.optim.Optimizer,
+        max_tokens: int | None = None,
     ) -> torch.Tensor:
         """One optimiser step for all members, each on its own batch.
 
         member_batches: M tuples ``(input_ids, labels, attention_mask)`` of equal
-        batch size (right-padded; lengths may differ).  Returns the ``[M]`` losses.
+        batch size (right-padded; lengths may differ).  Member m's loss is its mean
+        token cross-entropy over its batch (the Hugging Face convention).  With
+        ``max_tokens``, the folded step runs in chunks of rows of at most that many
+        padded tokens, accumulating the same gradient.  Returns the ``[M]`` losses.
         """
         if len(member_batches) != self.members:
             raise ValueError(f"{len(member_batches)} batches for {self.members} members")
+        bsz = member_batches[0][0].shape[0]
+        if any(b[0].shape[0] != bsz for b in member_batches):
+            raise ValueError("every member needs a batch of the same size")
         seq = max(b[0].shape[1] for b in member_batches)
         lengths = [b[0].shape[1] for b in member_batches]
-        ids, labels, mask = (torch.cat([_pad_right(b[k], seq, v) for b in member_batches])
-                             for k, v in ((0, 0), (1, -100), (2, 0)))
         device = next(self.adapters.parameters()).device
+        ids, labels, mask = (
+            torch.stack([_pad_right(b[k], seq, v) for b in member_batches]).to(device)
+            for k, v in ((0, 0), (1, -100), (2, 0))
+        )  # [M, B, T]
+        counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+        rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (self.members * seq)))
         was = self.training
         self.train()
         self.base.eval()  # base dropout off; only the adapters' dropout is active
+        total = torch.zeros(self.members, dtype=torch.float64)
+        optimizer.zero_grad(set_to_none=True)
         try:
             with torch.enable_grad():
-                losses = self.member_losses(ids.to(device), labels.to(device), mask.to(device), lengths)
-                optimizer.zero_grad(set_to_none=True)
-                losses.sum().backward()
+                for r0 in range(0, bsz, rows):
+                    sl = slice(r0, min(bsz, r0 + rows))
+                    sums, _ = self.member_ce_sums(
+                        ids[:, sl].reshape(-1, seq), labels[:, sl].reshape(-1, seq),
+                        mask[:, sl].reshape(-1, seq),
+                        dropout_context={"lengths": lengths, "first_row": r0},
+                    )
+                    (sums / counts).sum().backward()
+                    total += sums.detach().double().cpu()
                 optimizer.step()
         finally:
             self.train(was)
-        return losses.detach()
+        self.step += 1
+        return (total / counts.cpu()).float()
 
     # -- members ----------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class ScoreConfig:
     late: int = 2
     lr: float = 2e-4
     batch_size: int = 8
-    token_budget: int | None = None  # snapshot batches: at most this many tokens per member
+    token_budget: int | None = 2048  # padded tokens per member in one forward/backward
     max_length: int = 512
     seed: int = 0
     template: str | None = None
@@ -311,8 +311,7 @@ def score(
                 )
             ens.adapters.load_state_dict(ck["adapters"])
             opt.load_state_dict(ck["optimizer"])
-            for g, s in zip(ens._generators, ck["generators"]):
-                g.set_state(s)
+            ens.step = ck["ensemble_step"]
             early_sq, late_sq, state = ck["early_sq"], ck["late_sq"], ck["state"]
             say(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}, "
                 f"snapshot {state['snapshot']} batch {state['snap_batch']}")
@@ -324,7 +323,7 @@ def score(
             "identity": identity,
             "adapters": ens.adapters.state_dict(),
             "optimizer": opt.state_dict(),
-            "generators": [g.get_state() for g in ens._generators],
+            "ensemble_step": ens.step,
             "early_sq": early_sq, "late_sq": late_sq, "state": state,
         }, ckpt_path)
 
@@ -375,7 +374,8 @@ def score(
         while state["step"] < len(schedule):
             step = schedule[state["step"]]
             batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
-            losses = ens.train_step(batches, opt)
+            losses = ens.train_step(
+                batches, opt, max_tokens=config.token_budget * m if config.token_budget else None)
             seq = max(b[0].shape[1] for b in batches)
             real = sum(int(b[2].sum()) for b in batches)
             state["tokens"] += real

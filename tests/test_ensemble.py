@@ -41,12 +41,12 @@ def collate(rows, idx):
     return ids, labels, mask
 
 
-def train(ens, rows, epochs=2, batch_size=4, lr=1e-2, data_seed=0):
+def train(ens, rows, epochs=2, batch_size=4, lr=1e-2, data_seed=0, max_tokens=None):
     opt = ens.make_optimizer(lr=lr)
     lengths = [r[0].shape[0] for r in rows]
     for epoch in range(epochs):
         for step in member_schedule(lengths, batch_size, epoch, ens.member_seeds, data_seed):
-            ens.train_step([collate(rows, idx) for idx in step], opt)
+            ens.train_step([collate(rows, idx) for idx in step], opt, max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -94,6 +94,17 @@ def test_training_together_equals_training_alone(kind):
     # Different seeds give different members.
     a = together.adapters[next(iter(together.adapters.keys()))].lora_A.weight
     assert not torch.allclose(a[0], a[1])
+
+
+def test_chunked_steps_equal_whole_steps():
+    rows = dataset(16)
+    whole = LoRAEnsemble(base("llama"), members=2, r=2, alpha=4, dropout=0.3)
+    chunked = LoRAEnsemble(base("llama"), members=2, r=2, alpha=4, dropout=0.3)
+    train(whole, rows, epochs=1)
+    train(chunked, rows, epochs=1, max_tokens=30)  # one or two rows per chunk
+    for (name, a), (_, b) in zip(whole.adapters.named_parameters(), chunked.adapters.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert whole.step == chunked.step == 4
 
 
 def test_export_member_loads_in_peft(tmp_path):
