@@ -233,9 +233,10 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=8, help="rows per member per step")
-    p.add_argument("--token-budget", type=int, default=2048,
-                   help="at most this many padded tokens per member in one forward/backward: "
-                        "snapshot batches are cut, training steps accumulate (0 = no limit)")
+    p.add_argument("--token-budget", type=int, default=4096,
+                   help="at most this many padded tokens in one folded forward/backward (all "
+                        "members): snapshot batches are cut, training steps accumulate "
+                        "(0 = no limit; SmolLM2 needs about 2.3 MB per token)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default=None,

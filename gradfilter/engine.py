@@ -214,7 +214,8 @@ class _Pass:
 
     def _make_grad_hook(self, call: _Call, j: int):
         def hook(grad: torch.Tensor) -> None:
-            call.grads[j] = grad
+            if call.job.fallback:
+                call.grads[j] = grad  # kept for the per-example re-run after the backward
             if call.job.ruled and j == 0:
                 self._take_factors(call, grad)
 
@@ -352,8 +353,15 @@ class _Pass:
             self.recording = False
             for h in handles:
                 h.remove()
+            # The calls sit in reference cycles with the autograd graph (through the
+            # tensor hooks): drop their tensors now rather than at the next GC.
             for job in self.jobs:
+                for call in job.calls:
+                    call.args, call.kwargs, call.outputs, call.grads = (), {}, [], []
                 job.calls = []
+            for st in self.params:
+                st.factors, st.grads = [], None
+            self.anchor = None
         empty = (counts == 0).cpu()
         return {s.name: s.sq_norms.cpu().masked_fill(empty, float("nan")) for s in self.params}
 

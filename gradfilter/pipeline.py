@@ -48,7 +48,9 @@ class ScoreConfig:
     late: int = 2
     lr: float = 2e-4
     batch_size: int = 8
-    token_budget: int | None = 2048  # padded tokens per member in one forward/backward
+    # Padded tokens in one folded forward/backward (all members together); bounds
+    # memory: SmolLM2-135M in float32 needs about 2.3 MB per token.
+    token_budget: int | None = 4096
     max_length: int = 512
     seed: int = 0
     template: str | None = None
@@ -73,9 +75,10 @@ class ScoreConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.token_budget is not None and self.token_budget < self.max_length:
+        if self.token_budget is not None and self.token_budget < self.members * self.max_length:
             raise ValueError(
-                f"token_budget ({self.token_budget}) must be at least max_length ({self.max_length})"
+                f"token_budget ({self.token_budget}) must hold one row per member: at least "
+                f"members x max_length = {self.members * self.max_length}"
             )
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
@@ -150,13 +153,14 @@ def _collate(encoded: list[Any], idx: list[int], pad_id: int) -> tuple[torch.Ten
 
 def snapshot_batches(lengths: list[int], batch_size: int, token_budget: int | None) -> list[list[int]]:
     """Snapshot batches over rows sorted by length (little padding): at most
-    ``batch_size`` rows, or, with a token budget, at most ``token_budget`` padded tokens."""
+    ``batch_size`` rows and, with a token budget, at most ``token_budget`` padded
+    tokens (per member)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         longest = max([lengths[j] for j in cur] + [lengths[i]])
-        too_many = (len(cur) + 1) * longest > token_budget if token_budget else len(cur) >= batch_size
+        too_many = len(cur) >= batch_size or bool(token_budget and (len(cur) + 1) * longest > token_budget)
         if cur and too_many:
             batches.append(cur)
             cur = []
@@ -265,7 +269,8 @@ def score(
     from .ensemble import member_schedule
 
     steps_per_epoch = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
-    snaps = snapshot_batches(lengths, config.batch_size, config.token_budget)
+    snaps = snapshot_batches(lengths, config.batch_size,
+                             config.token_budget // config.members if config.token_budget else None)
     plan = {
         "rows": len(rows),
         "scorable_rows": len(ok),
@@ -375,7 +380,7 @@ def score(
             step = schedule[state["step"]]
             batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
             losses = ens.train_step(
-                batches, opt, max_tokens=config.token_budget * m if config.token_budget else None)
+                batches, opt, max_tokens=config.token_budget)
             seq = max(b[0].shape[1] for b in batches)
             real = sum(int(b[2].sum()) for b in batches)
             state["tokens"] += real

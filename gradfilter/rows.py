@@ -1,0 +1,661 @@
+"""Reading instruction data into :class:`Row` objects and writing subsets back.
+
+Accepted inputs (see :func:`load_rows`):
+
+* an Alpaca-style JSON file holding a list of objects ``{instruction, input, output}``;
+* a JSON Lines file (``.jsonl`` / ``.ndjson``, or a ``.json`` file whose content
+  is one object per line) of Alpaca rows or chat rows ``{"messages": [{role, content}, ...]}``;
+* a Parquet file;
+* a folder written by ``datasets.Dataset.save_to_disk``;
+* from Python, a list of dicts or a ``datasets.Dataset``.
+
+Every input row becomes exactly one :class:`Row`, in input order, whether or not
+it is usable: a problem (missing or non-string field, empty response, a JSON
+Lines line that is not valid JSON, ...) is recorded in :attr:`Row.status`
+instead of raising.  Blank lines of a JSON Lines file are not rows.
+
+:func:`write_subset` writes a selection of rows back in the input's own format:
+a JSON list as a JSON list of the original records, JSON Lines as the original
+lines byte for byte, Parquet as Parquet, a saved dataset as a saved dataset;
+Python inputs get the selected records (or ``Dataset.select(...)``) returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "DEFAULT_FIELDS",
+    "OK",
+    "Row",
+    "Source",
+    "content_hash",
+    "load_rows",
+    "sniff_format",
+    "write_subset",
+]
+
+#: Status of a usable row.
+OK = "ok"
+
+#: Canonical field name -> field name in the data, when no mapping is given.
+DEFAULT_FIELDS: dict[str, str] = {
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "messages": "messages",
+    "id": "id",
+}
+
+#: Human-readable list of the accepted input formats (used in error messages).
+ACCEPTED_FORMATS = (
+    "an Alpaca JSON file holding a list of objects (.json), JSON Lines (.jsonl, .ndjson), "
+    "Parquet (.parquet, .pq), or a folder written by datasets.Dataset.save_to_disk "
+    "(containing dataset_info.json / state.json)"
+)
+
+_FILE_FORMATS = ("json", "jsonl", "parquet", "hf_dataset")
+_JSONL_EXTENSIONS = (".jsonl", ".ndjson")
+_PARQUET_EXTENSIONS = (".parquet", ".pq")
+
+
+@dataclass
+class Row:
+    """One input row, usable or not.
+
+    Attributes:
+        index: 0-based position of the row in the input.
+        id: the row's own id (the mapped ``id`` field, as a string) or, when it
+            has none, the first 16 hex digits of :func:`content_hash`.
+        kind: ``"alpaca"``, ``"chat"`` or ``"invalid"`` (not an object at all,
+            e.g. a JSON Lines line that is not valid JSON).
+        instruction: the instruction text (Alpaca rows; ``None`` when missing or
+            not a string).
+        input: the optional input text (Alpaca rows; ``""`` when absent).
+        output: the response text (Alpaca rows).
+        messages: the conversation (chat rows): a list of ``{role, content}`` dicts.
+        status: ``"ok"`` or a short reason why the row cannot be used.
+        record: the original record (a dict for valid rows; for a JSON Lines line
+            that is not valid JSON, the raw line text; otherwise whatever the
+            input held at that position).
+    """
+
+    index: int
+    id: str
+    kind: str
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    status: str = OK
+    record: Any = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the row is usable (``status == "ok"``)."""
+        return self.status == OK
+
+
+@dataclass
+class Source:
+    """Where rows came from, with what :func:`write_subset` needs to write a subset.
+
+    Attributes:
+        kind: ``"json"``, ``"jsonl"``, ``"parquet"``, ``"hf_dataset"``,
+            ``"records"`` (a Python list of dicts) or ``"dataset"`` (a
+            ``datasets.Dataset`` object).
+        path: the input path (``None`` for Python inputs).
+        fields: the resolved field mapping, canonical name -> name in the data.
+        n_rows: number of rows read.
+        lines: for JSON Lines, the raw bytes of each row's line (without the
+            ``\\n``), for verbatim output.
+        records: for JSON lists and Python lists, the original records.
+        table: for Parquet, the ``pyarrow.Table`` read.
+        dataset: for saved datasets and ``Dataset`` inputs, the ``Dataset``.
+    """
+
+    kind: str
+    path: str | None
+    fields: dict[str, str]
+    n_rows: int = 0
+    lines: list[bytes] | None = field(default=None, repr=False)
+    records: list[Any] | None = field(default=None, repr=False)
+    table: Any = field(default=None, repr=False)
+    dataset: Any = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _type_name(value: Any) -> str:
+    """JSON-style name of a value's type, for status messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _canonical_json(value: Any) -> str:
+    """Deterministic JSON text: sorted keys, no whitespace, non-ASCII kept."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def content_hash(value: Any) -> str:
+    """First 16 hex digits of the SHA-256 of the canonical JSON of ``value``."""
+    return hashlib.sha256(_canonical_json(value).encode("utf-8")).hexdigest()[:16]
+
+
+def _resolve_fields(fields: Mapping[str, str] | None) -> dict[str, str]:
+    """Merge a user field mapping into :data:`DEFAULT_FIELDS`, validating it."""
+    resolved = dict(DEFAULT_FIELDS)
+    if fields is None:
+        return resolved
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"fields must be a dict of canonical name -> column name, got {fields!r}")
+    for key, name in fields.items():
+        if key not in DEFAULT_FIELDS:
+            raise ValueError(
+                f"unknown field {key!r} in the field mapping; known fields: "
+                f"{', '.join(DEFAULT_FIELDS)}"
+            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"field mapping for {key!r} must be a non-empty string, got {name!r}")
+        resolved[key] = name
+    return resolved
+
+
+def _row_id(record: Mapping[str, Any], fields: Mapping[str, str], text: Any) -> str:
+    """The record's own id when present, else the content hash of ``text``."""
+    own = record.get(fields["id"])
+    if own is not None:
+        if isinstance(own, str):
+            return own
+        if isinstance(own, int) and not isinstance(own, bool):
+            return str(own)
+        return _canonical_json(own) if isinstance(own, (Mapping, list, tuple)) else str(own)
+    return content_hash(text)
+
+
+def _messages_status(messages: Any, name: str) -> str:
+    """Status of a chat conversation (``"ok"`` or the first problem found)."""
+    if not isinstance(messages, (list, tuple)):
+        return f"field '{name}' is not a list (got {_type_name(messages)})"
+    if not messages:
+        return f"field '{name}' is empty"
+    n_assistant = 0
+    has_content = False
+    for i, msg in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(msg, Mapping):
+            return f"{where} is not an object (got {_type_name(msg)})"
+        for key in ("role", "content"):
+            if key not in msg:
+                return f"{where} has no '{key}'"
+            if not isinstance(msg[key], str):
+                return f"{where}.{key} is not a string (got {_type_name(msg[key])})"
+        if msg["role"] == "assistant":
+            n_assistant += 1
+            has_content = has_content or bool(msg["content"].strip())
+    if n_assistant == 0:
+        return "no assistant turn"
+    if not has_content:
+        return "empty response"
+    return OK
+
+
+def _make_row(index: int, record: Any, fields: Mapping[str, str]) -> Row:
+    """Classify and validate one record (any Python value)."""
+    if not isinstance(record, Mapping):
+        return Row(
+            index=index,
+            id=content_hash({"record": record}),
+            kind="invalid",
+            status=f"row is not an object (got {_type_name(record)})",
+            record=record,
+        )
+    messages_name = fields["messages"]
+    messages = record.get(messages_name)
+    if messages is not None:
+        status = _messages_status(messages, messages_name)
+        ok_messages = (
+            [dict(m) for m in messages] if status == OK or _is_message_list(messages) else None
+        )
+        return Row(
+            index=index,
+            id=_row_id(record, fields, {"messages": messages}),
+            kind="chat",
+            messages=ok_messages,
+            status=status,
+            record=record,
+        )
+
+    values: dict[str, Any] = {}
+    status = OK
+    for key in ("instruction", "input", "output"):
+        name = fields[key]
+        value = record.get(name)
+        if value is None:
+            if key == "input":
+                value = ""
+            elif status == OK:
+                status = f"missing field '{name}'"
+        elif not isinstance(value, str) and status == OK:
+            status = f"field '{name}' is not a string (got {_type_name(value)})"
+        values[key] = value
+    if status == OK and not values["output"].strip():
+        status = "empty response"
+    return Row(
+        index=index,
+        id=_row_id(record, fields, values),
+        kind="alpaca",
+        instruction=values["instruction"] if isinstance(values["instruction"], str) else None,
+        input=values["input"] if isinstance(values["input"], str) else None,
+        output=values["output"] if isinstance(values["output"], str) else None,
+        status=status,
+        record=record,
+    )
+
+
+def _is_message_list(messages: Any) -> bool:
+    return isinstance(messages, (list, tuple)) and all(isinstance(m, Mapping) for m in messages)
+
+
+# ----------------------------------------------------------------------------- sniffing
+
+
+def _first_line(path: Path, limit: int = 1 << 26) -> bytes:
+    """The first non-blank line of a file (at most ``limit`` bytes), BOM removed."""
+    with open(path, "rb") as f:
+        read = 0
+        while read < limit:
+            line = f.readline(limit - read)
+            if not line:
+                return b""
+            read += len(line)
+            if read == len(line) and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if line.strip():
+                return line.strip()
+    return b""
+
+
+def sniff_format(path: str | os.PathLike[str]) -> str:
+    """Detect the format of a data path: ``"json"``, ``"jsonl"``, ``"parquet"`` or ``"hf_dataset"``.
+
+    A folder holding ``dataset_info.json``, ``state.json`` or ``dataset_dict.json``
+    is a saved Hugging Face dataset. A file is recognised by its extension
+    (``.jsonl``/``.ndjson``, ``.parquet``/``.pq``) or by its content: the
+    Parquet magic bytes, a JSON list (first character ``[``), or one JSON object
+    per line (first line alone is a JSON object). A ``.json`` file whose first
+    line is a complete object is JSON Lines.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the format cannot be recognised.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+    if p.is_dir():
+        if any((p / name).is_file() for name in ("dataset_info.json", "state.json")):
+            return "hf_dataset"
+        if (p / "dataset_dict.json").is_file():
+            return "hf_dataset"
+        raise ValueError(
+            f"{str(p)!r} is a folder but not a saved Hugging Face dataset (no dataset_info.json "
+            f"or state.json). Accepted formats: {ACCEPTED_FORMATS}."
+        )
+    ext = p.suffix.lower()
+    if ext in _JSONL_EXTENSIONS:
+        return "jsonl"
+    if ext in _PARQUET_EXTENSIONS:
+        return "parquet"
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PAR1":
+        return "parquet"
+    first = _first_line(p)
+    if first.startswith(b"["):
+        return "json"
+    if first.startswith(b"{"):
+        try:
+            obj = json.loads(first.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+        if isinstance(obj, dict):
+            return "jsonl"
+        # Either one pretty-printed object (which the JSON reader rejects with a
+        # clear message) or JSON Lines whose first line is broken.
+        try:
+            json.loads(p.read_bytes().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "jsonl"
+        return "json"
+    if ext == ".json":
+        return "json"
+    raise ValueError(
+        f"cannot tell the format of {str(p)!r} (extension {ext or 'none'!r}); "
+        f"accepted formats: {ACCEPTED_FORMATS}."
+    )
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _read_json(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid UTF-8 ({e})") from None
+    if not text.strip():
+        raise ValueError(f"{str(path)!r} is empty; expected a JSON list of rows")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "a JSON file must hold a list of row objects. For one object per line use "
+            "JSON Lines (format='jsonl')."
+        ) from None
+    if not isinstance(obj, list):
+        raise ValueError(  # noqa: TRY004 - a bad file layout, not a bad argument type
+            f"{str(path)!r} holds a JSON {_type_name(obj)}, not a list of rows; "
+            f"accepted formats: {ACCEPTED_FORMATS}."
+        )
+    rows = [_make_row(i, rec, fields) for i, rec in enumerate(obj)]
+    return rows, Source("json", str(path), fields, len(rows), records=obj)
+
+
+def _jsonl_row(index: int, lineno: int, raw: bytes, fields: dict[str, str]) -> Row:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        return Row(
+            index=index,
+            id=content_hash({"line": text}),
+            kind="invalid",
+            status=f"line {lineno} is not valid UTF-8",
+            record=text,
+        )
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Row(
+            index=index,
+            id=content_hash({"line": text}),
+            kind="invalid",
+            status=f"invalid JSON on line {lineno} (column {e.colno}: {e.msg})",
+            record=text,
+        )
+    row = _make_row(index, record, fields)
+    if row.kind == "invalid":
+        row.status = f"line {lineno}: {row.status}"
+    return row
+
+
+def _read_jsonl(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    rows: list[Row] = []
+    lines: list[bytes] = []
+    # Split on "\n" only: str.splitlines would also split on U+2028 and other
+    # separators, which may appear unescaped inside JSON strings.
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        rows.append(_jsonl_row(len(rows), lineno, raw, fields))
+        lines.append(raw)
+    return rows, Source("jsonl", str(path), fields, len(rows), lines=lines)
+
+
+def _read_parquet(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{str(path)!r} could not be read as Parquet: {e}") from None
+    records = table.to_pylist()
+    rows = [_make_row(i, rec, fields) for i, rec in enumerate(records)]
+    return rows, Source("parquet", str(path), fields, len(rows), table=table)
+
+
+def _check_dataset(ds: Any, where: str) -> None:
+    from datasets import Dataset, DatasetDict, IterableDataset
+
+    if isinstance(ds, DatasetDict):
+        splits = ", ".join(ds.keys())
+        raise ValueError(  # noqa: TRY004 - documented as ValueError (unusable data)
+            f"{where} is a DatasetDict with splits [{splits}]; pass one split "
+            "(the split's folder, or dataset_dict['train'])"
+        )
+    if isinstance(ds, IterableDataset):
+        raise ValueError(  # noqa: TRY004
+            f"{where} is an IterableDataset; pass a map-style datasets.Dataset"
+        )
+    if not isinstance(ds, Dataset):
+        raise ValueError(  # noqa: TRY004
+            f"{where} is not a datasets.Dataset (got {type(ds).__name__})"
+        )
+
+
+def _read_hf_dataset(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # datasets raises assorted errors for broken folders
+        raise ValueError(
+            f"{str(path)!r} could not be read as a saved Hugging Face dataset: {e}"
+        ) from e
+    _check_dataset(ds, repr(str(path)))
+    records = ds.to_list()
+    rows = [_make_row(i, rec, fields) for i, rec in enumerate(records)]
+    return rows, Source("hf_dataset", str(path), fields, len(rows), dataset=ds)
+
+
+def _is_hf_dataset_object(obj: Any) -> bool:
+    module = type(obj).__module__ or ""
+    return module.startswith("datasets")
+
+
+def load_rows(
+    source: Any,
+    *,
+    fields: Mapping[str, str] | None = None,
+    format: str = "auto",
+) -> tuple[list[Row], Source]:
+    """Read instruction rows from a file, a saved dataset, or Python objects.
+
+    Args:
+        source: a path (``str`` or ``os.PathLike``) to a ``.json``, ``.jsonl``,
+            ``.parquet`` file or a ``save_to_disk`` folder; a list of dicts; or
+            a ``datasets.Dataset``.
+        fields: maps canonical field names (``instruction``, ``input``,
+            ``output``, ``messages``, ``id``) to the names used in the data,
+            e.g. ``{"instruction": "question", "output": "answer"}``. Unmapped
+            names keep their defaults.
+        format: ``"auto"`` (detect with :func:`sniff_format`), ``"json"``,
+            ``"jsonl"``, ``"parquet"`` or ``"hf_dataset"``; ignored for Python
+            inputs.
+
+    Returns:
+        ``(rows, source)``: one :class:`Row` per input row, in input order, and
+        the :class:`Source` that :func:`write_subset` needs.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: unknown or unreadable format, or a bad field mapping.
+        TypeError: ``source`` is neither a path nor rows.
+    """
+    resolved = _resolve_fields(fields)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if format not in ("auto", *_FILE_FORMATS):
+            raise ValueError(
+                f"unknown format {format!r}; use 'auto' or one of {', '.join(_FILE_FORMATS)}"
+            )
+        if not path.exists():
+            raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+        kind = sniff_format(path) if format == "auto" else format
+        if kind == "hf_dataset" and not path.is_dir():
+            raise ValueError(f"{str(path)!r} is a file; a saved Hugging Face dataset is a folder")
+        if kind != "hf_dataset" and path.is_dir():
+            raise ValueError(
+                f"{str(path)!r} is a folder; format {kind!r} needs a file. "
+                f"Accepted formats: {ACCEPTED_FORMATS}."
+            )
+        reader = {
+            "json": _read_json,
+            "jsonl": _read_jsonl,
+            "parquet": _read_parquet,
+            "hf_dataset": _read_hf_dataset,
+        }[kind]
+        return reader(path, resolved)
+    if _is_hf_dataset_object(source):
+        _check_dataset(source, "the given dataset")
+        records = source.to_list()
+        rows = [_make_row(i, rec, resolved) for i, rec in enumerate(records)]
+        return rows, Source("dataset", None, resolved, len(rows), dataset=source)
+    if hasattr(source, "columns") and hasattr(source, "to_dict"):
+        raise TypeError(
+            "load_rows does not take a DataFrame; pass df.to_dict('records') or save it as Parquet"
+        )
+    if isinstance(source, (Mapping, bytes, bytearray)):
+        raise TypeError(
+            f"load_rows expects a path, a list of row dicts or a datasets.Dataset, "
+            f"got {type(source).__name__}"
+        )
+    if isinstance(source, Sequence) or hasattr(source, "__iter__"):
+        records = list(source)
+        rows = [_make_row(i, rec, resolved) for i, rec in enumerate(records)]
+        return rows, Source("records", None, resolved, len(rows), records=records)
+    raise TypeError(
+        f"load_rows expects a path, a list of row dicts or a datasets.Dataset, "
+        f"got {type(source).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _ordered_indices(indices: Sequence[int], n_rows: int, order: str) -> list[int]:
+    if order not in ("input", "rank"):
+        raise ValueError(f"order must be 'input' or 'rank', got {order!r}")
+    out: list[int] = []
+    seen: set[int] = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            try:
+                j = int(i)  # numpy integers
+            except (TypeError, ValueError):
+                raise TypeError(f"row indices must be integers, got {i!r}") from None
+            if j != i:
+                raise TypeError(f"row indices must be integers, got {i!r}")
+            i = j
+        if not 0 <= i < n_rows:
+            raise IndexError(f"row index {i} out of range for {n_rows} rows")
+        if i in seen:
+            raise ValueError(f"row index {i} selected more than once")
+        seen.add(i)
+        out.append(i)
+    return sorted(out) if order == "input" else out
+
+
+def _prepare_out(out_path: str | os.PathLike[str] | None, source: Source) -> Path:
+    if out_path is None:
+        raise ValueError(f"an output path is needed to write a subset of a {source.kind} input")
+    out = Path(out_path)
+    if source.path is not None and out.resolve() == Path(source.path).resolve():
+        raise ValueError(f"refusing to overwrite the input {source.path!r} with a subset")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_subset(
+    rows: Sequence[Row],
+    source: Source,
+    indices: Sequence[int],
+    out_path: str | os.PathLike[str] | None = None,
+    order: str = "input",
+) -> Any:
+    """Write the rows at ``indices`` in the input's own format.
+
+    Args:
+        rows: the rows returned by :func:`load_rows` together with ``source``.
+        source: the :class:`Source` returned by :func:`load_rows`.
+        indices: row indices (:attr:`Row.index`) to keep; each at most once.
+        out_path: output file (or folder, for saved datasets); required for
+            file inputs, ignored for Python inputs.
+        order: ``"input"`` writes rows in input order, ``"rank"`` in the order
+            of ``indices``.
+
+    Returns:
+        The path written (``str``) for file inputs; the list of selected
+        records for a list input; ``dataset.select(...)`` for a ``Dataset`` input.
+
+    The records are written unchanged: a JSON list as ``json.dump(...,
+    ensure_ascii=False, indent=2)`` of the original objects, JSON Lines as the
+    original lines byte for byte, Parquet via ``Table.take`` (schema kept), a
+    saved dataset via ``Dataset.select(...).save_to_disk``.
+    """
+    if len(rows) != source.n_rows:
+        raise ValueError(
+            f"got {len(rows)} rows but the source holds {source.n_rows}; pass the rows "
+            "returned by load_rows together with their source"
+        )
+    idx = _ordered_indices(indices, source.n_rows, order)
+    kind = source.kind
+    if kind == "records":
+        assert source.records is not None
+        return [source.records[i] for i in idx]
+    if kind == "dataset":
+        return source.dataset.select(idx)
+    out = _prepare_out(out_path, source)
+    if kind == "json":
+        assert source.records is not None
+        subset = [source.records[i] for i in idx]
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(subset, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+    elif kind == "jsonl":
+        assert source.lines is not None
+        with open(out, "wb") as f:
+            for i in idx:
+                f.write(source.lines[i])
+                f.write(b"\n")
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(source.table.take(idx), out)
+    elif kind == "hf_dataset":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{str(out)!r} exists and is not a folder")
+        source.dataset.select(idx).save_to_disk(str(out))
+    else:
+        raise ValueError(f"unknown source kind {kind!r}")
+    return str(out)
