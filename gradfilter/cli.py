@@ -44,43 +44,29 @@ def _load_lora_proxy(args: argparse.Namespace) -> tuple[Any, Any]:
     return model.eval(), tok
 
 
-def _read_rows(path: str | None) -> list[dict[str, Any]]:
-    from .data import demo_rows
-
-    if path is None:
-        return demo_rows()
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-    for i, row in enumerate(rows):
-        for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str):
-                raise SystemExit(f"{path}: row {i} has no string field {key!r}")
-    return rows
-
-
 def _norms(args: argparse.Namespace) -> int:
     import torch
 
     from . import per_example_grad_norms
-    from .data import encode_pair, format_prompt, pad_batch
+    from .data import pad_batch
 
     t0 = time.perf_counter()
     model, tok = _load_lora_proxy(args)
     load_s = time.perf_counter() - t0
-    rows = _read_rows(args.data)
+    from importlib import resources
+
+    from .data import encode_row
+    from .rows import load_rows
+
+    data = args.data or str(resources.files("gradfilter").joinpath("resources/demo.jsonl"))
+    all_rows, _ = load_rows(data)
     if args.rows:
-        rows = rows[: args.rows]
-    encoded = [encode_pair(tok, format_prompt(r), r["output"], args.max_length) for r in rows]
+        all_rows = all_rows[: args.rows]
+    rows = [r for r in all_rows if r.status == "ok"]
+    for r in all_rows:
+        if r.status != "ok":
+            print(f"row {r.index}: skipped ({r.status})", file=sys.stderr)
+    encoded = [encode_row(r, tok, args.max_length) for r in rows]
     norms: list[float] = []
     tokens = 0
     t0 = time.perf_counter()
@@ -102,8 +88,9 @@ def _norms(args: argparse.Namespace) -> int:
     print("\nper-example LoRA gradient norm (response loss), largest first:")
     for rank, i in enumerate(order, 1):
         r = rows[i]
-        text = (r["instruction"] + " -> " + r["output"]).replace("\n", " ")
-        print(f"{rank:3d}. {norms[i]:9.4f}  row {i:3d}  {text[:90]}")
+        text = (f"{r.instruction} -> {r.output}" if r.kind == "alpaca" else
+                " | ".join(m.get("content", "") for m in r.messages or [])).replace("\n", " ")
+        print(f"{rank:3d}. {norms[i]:9.4f}  row {r.index:3d}  {text[:90]}")
 
     if args.check:
         from .baselines import loop_per_example_grad_norms
@@ -119,9 +106,13 @@ def _norms(args: argparse.Namespace) -> int:
             return 1
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            for i, n in enumerate(norms):
-                f.write(json.dumps({"index": i, "grad_norm": n}) + "\n")
+            for r, n in zip(rows, norms):
+                f.write(json.dumps({"index": r.index, "id": r.id, "grad_norm": _num(n)}) + "\n")
     return 0
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else x
 
 
 def _key(x: float) -> float:
@@ -147,7 +138,7 @@ def _score(args: argparse.Namespace) -> int:
     if targets is not None and targets != "all-linear":
         targets = [t for t in targets.split(",") if t]
     config = ScoreConfig(
-        proxy=args.proxy, members=args.members, rank=args.rank, alpha=args.alpha,
+        proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=targets, epochs=args.epochs, early=args.early,
         late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
         max_length=args.max_length, seed=args.seed, template=args.template,
@@ -222,6 +213,8 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--proxy", default=None,
                    help="hub id (e.g. gpt2), local model folder or .gguf file "
                         "(default: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
+                   default="float32", help="proxy weights (bfloat16: faster, norms to ~1e-2)")
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)

@@ -55,7 +55,7 @@ class StackedLinear(nn.Module):
         lead = x.shape[:-1]
         if lead[0] % m:
             raise ValueError(f"{lead[0]} rows cannot be split between {m} members")
-        xb = x.reshape(m, -1, x.shape[-1])
+        xb = x.reshape(m, -1, x.shape[-1]).to(self.weight.dtype)
         y = torch.bmm(xb, self.weight.transpose(1, 2))
         return y.reshape(*lead, self.weight.shape[1])
 
@@ -162,10 +162,12 @@ class LoRAEnsemble(nn.Module):
             )
 
         param = next(base_model.parameters())
+        # Adapters (and so the optimiser state) stay in float32 over a half-precision base.
+        adapter_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.adapters = nn.ModuleDict()
         for name, module in self._targets.items():
             d_in, d_out = _in_out(module)
-            a, b = self._init_factors(name, d_in, d_out, param.dtype, param.device)
+            a, b = self._init_factors(name, d_in, d_out, adapter_dtype, param.device)
             self.adapters[_key(name)] = _Adapter(a, b, self.scaling, dropout)
 
         self.step = 0  # optimiser steps taken; keys the dropout masks
@@ -203,7 +205,8 @@ class LoRAEnsemble(nn.Module):
             x = args[0]
             if self.training and adapter.dropout > 0:
                 x = self._dropout(x, adapter.dropout, layer)
-            return output + adapter.lora_B(adapter.lora_A(x)) * adapter.scaling
+            delta = adapter.lora_B(adapter.lora_A(x)) * adapter.scaling
+            return output + delta.to(output.dtype)
 
         return hook
 

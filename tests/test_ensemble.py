@@ -140,3 +140,17 @@ def test_bad_arguments():
     ens = LoRAEnsemble(base("gpt2"), members=2, r=1, alpha=1)
     with pytest.raises(ValueError, match="multiple of 2 members"):
         ens(torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_half_precision_base_keeps_float32_adapters():
+    ids, labels, mask = make_batch([9, 6, 8], 9, seed=11)
+    ref = LoRAEnsemble(base("llama"), members=2, r=4, alpha=8)
+    half = LoRAEnsemble(base("llama", torch.bfloat16), members=2, r=4, alpha=8)
+    assert all(p.dtype == torch.float32 for p in half.adapters.parameters())
+    rows = dataset(8)
+    train(ref, rows, epochs=1)
+    train(half, rows, epochs=1)
+    a = ref.per_example_grad_norms(ids, labels, mask)
+    b = half.per_example_grad_norms(ids, labels, mask)
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert ((a - b).abs() / a).max() < 0.1  # bf16 activations: about 1e-2 relative

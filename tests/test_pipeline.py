@@ -215,3 +215,36 @@ def test_cli_kill_9_and_resume(tmp_path):
     assert proc.wait() == -signal.SIGKILL
     subprocess.run(base + ["-o", str(out)], check=True, env=env, capture_output=True, timeout=600)
     assert read(out) == read(tmp_path / "full")
+
+
+def test_cli_score_select_and_norms(tmp_path):
+    model, tok = proxy()
+    model_dir = tmp_path / "proxy"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "d.json"
+    rows = [{"instruction": i, "input": x, "output": o} for i, x, o in GOOD[:8]]
+    rows.append({"instruction": "missing output"})
+    data.write_text(json.dumps(rows))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gradfilter", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    out = tmp_path / "out"
+    r = run("score", str(data), "-o", str(out), "--proxy", str(model_dir), "--members", "2",
+            "--max-length", "96", "--no-progress", "--show", "2")
+    assert r.returncode == 0, r.stderr
+    assert "top 2 by G-SNR" in r.stdout and "missing field 'output'" in r.stdout
+    r = run("select", str(out), "--ratio", "0.5")
+    assert r.returncode == 0, r.stderr
+    selected = json.loads((out / "selected.json").read_text())
+    assert len(selected) == 4 and all(s in rows for s in selected)
+    r = run("select", str(out), "--ratio", "0.5", "--top-k", "2")
+    assert r.returncode != 0 and "exactly one" in r.stderr
+    r = run("score", str(tmp_path / "nope.json"), "-o", str(out), "--proxy", str(model_dir))
+    assert r.returncode == 2 and "error:" in r.stderr
+    r = run("norms", str(data), "--proxy", str(model_dir), "--targets", "c_attn", "--check", "3",
+            "-o", str(tmp_path / "n.jsonl"))
+    assert r.returncode == 0, r.stderr
+    assert "max relative difference" in r.stdout
+    norms = [json.loads(line) for line in (tmp_path / "n.jsonl").read_text().splitlines()]
+    assert [n["index"] for n in norms] == list(range(8)) and all(n["grad_norm"] > 0 for n in norms)
