@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from .methods import METHODS
+
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 
@@ -138,7 +140,7 @@ def _score(args: argparse.Namespace) -> int:
     if targets is not None and targets != "all-linear":
         targets = [t for t in targets.split(",") if t]
     config = ScoreConfig(
-        proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
+        method=args.method, proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=targets, epochs=args.epochs, early=args.early,
         late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
         max_length=args.max_length, seed=args.seed, template=args.template,
@@ -155,7 +157,7 @@ def _score(args: argparse.Namespace) -> int:
         print(json.dumps(result.run["plan"], indent=2))
         return 0
     run = result.run
-    print(f"scored {run['plan']['scorable_rows']} of {run['plan']['rows']} rows in "
+    print(f"scored {run['plan']['scorable_rows']} of {run['plan']['rows']} rows ({args.method}) in "
           f"{run['timings']['total_s']:.1f} s ({run['tokens_per_second']:.0f} tokens/s, "
           f"padding {100 * run['padding_fraction']:.1f}%); wrote {args.output}/scores.jsonl, "
           f"run.json and plots")
@@ -164,7 +166,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _show(result: Any, k: int) -> None:
-    recs = sorted((r for r in result.records if r["gsnr"] is not None), key=lambda r: r["rank"])
+    recs = sorted((r for r in result.records if r["score"] is not None), key=lambda r: r["rank"])
+    method = result.run.get("method", "gsnr")
     rows = {r.index: r for r in result.rows}
 
     def line(r: dict) -> str:
@@ -173,10 +176,10 @@ def _show(result: Any, k: int) -> None:
             text = " | ".join(m.get("content", "") for m in row.messages or [])
         else:
             text = f"{row.instruction} -> {row.output}"
-        return f"{r['rank']:5d}  {r['gsnr']:12.4g}  row {r['index']:5d}  {text.replace(chr(10), ' ')[:80]}"
+        return f"{r['rank']:5d}  {r['score']:12.4g}  row {r['index']:5d}  {text.replace(chr(10), ' ')[:80]}"
 
     if k and recs:
-        print(f"\ntop {min(k, len(recs))} by G-SNR (rank, G-SNR, row, text):")
+        print(f"\ntop {min(k, len(recs))} by {method} (rank, score, row, text):")
         for r in recs[:k]:
             print(line(r))
         print(f"\nbottom {min(k, len(recs))}:")
@@ -213,6 +216,9 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--proxy", default=None,
                    help="hub id (e.g. gpt2), local model folder or .gguf file "
                         "(default: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--method", choices=list(METHODS), default="gsnr",
+                   help="gsnr (default); ablations drop, late_var, grand (early norm); "
+                        "baselines random, loss, ifd (loss ratio), ifd_ppl (perplexity ratio)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                    default="float32", help="proxy weights (bfloat16: faster, norms to ~1e-2)")
     p.add_argument("--members", type=int, default=5)

@@ -109,3 +109,23 @@ def factor_sq_norms(
         right = torch.cat([f.right[i][m].to(dtype) for f, m in zip(factors, rows)])
         out[i] = ref.outer_sq_norms_ref(left.unsqueeze(0), right.unsqueeze(0))[0]
     return out
+
+
+# ----------------------------------------------------------------------------
+# Triton capability probe (used by the kernel backend; changes nothing above)
+# ----------------------------------------------------------------------------
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here.
+
+    True when ``import triton`` works and either a CUDA device is available or
+    ``TRITON_INTERPRET=1`` (the CPU interpreter) is set.
+    """
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing at import
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return torch.cuda.is_available()

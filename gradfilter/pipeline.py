@@ -37,6 +37,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class ScoreConfig:
     """Everything that determines a scoring run (and so its checkpoint)."""
 
+    method: str = "gsnr"  # see gradfilter.methods.METHODS
     proxy: str | None = None  # hub id, local folder, .gguf file; None = offline SmolLM2-135M
     dtype: str = "float32"  # proxy weights; "bfloat16" is ~2x faster on CPUs with bf16 units
     members: int = 5
@@ -65,6 +66,10 @@ class ScoreConfig:
     checkpoint_seconds: float = 60.0
 
     def validate(self) -> None:
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.members < 1:
             raise ValueError(f"members must be at least 1, got {self.members}")
         if not 1 <= self.early < self.late <= self.epochs:
@@ -271,6 +276,11 @@ def score(
 
     from .ensemble import member_schedule
 
+    from .methods import ENSEMBLE_METHODS
+
+    ensemble = config.method in ENSEMBLE_METHODS
+    n_epochs = (config.early if config.method == "grand" else config.epochs) if ensemble else 0
+    n_snaps = (1 if config.method == "grand" else 2) if ensemble else 0
     steps_per_epoch = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
     snaps = snapshot_batches(lengths, config.batch_size,
                              config.token_budget // config.members if config.token_budget else None)
@@ -280,18 +290,30 @@ def score(
         "statuses": statuses,
         "tokens": int(sum(lengths)),
         "truncated_rows": sum(1 for e in encoded if e is not None and e.truncated),
-        "training_steps": steps_per_epoch * config.epochs,
-        "snapshot_batches": 2 * len(snaps),
-        "member_sequences_processed": len(ok) * config.members * (config.epochs + 2),
+        "method": config.method,
+        "training_steps": steps_per_epoch * n_epochs,
+        "snapshot_batches": n_snaps * len(snaps),
+        "member_sequences_processed": len(ok) * config.members * (n_epochs + n_snaps),
     }
+    work = (f"{n_epochs} epochs x {steps_per_epoch} steps and {n_snaps} snapshot passes x "
+            f"{len(snaps)} batches, {config.members} members in each folded pass" if ensemble
+            else f"forward passes over {len(snaps)} batches ({config.method})")
     say(f"{plan['rows']} rows ({plan['scorable_rows']} scorable; {statuses}), "
-        f"{plan['tokens']} tokens, {plan['truncated_rows']} truncated; plan: "
-        f"{config.epochs} epochs x {steps_per_epoch} steps and 2 snapshot passes x "
-        f"{len(snaps)} batches, {config.members} members in each folded pass")
+        f"{plan['tokens']} tokens, {plan['truncated_rows']} truncated; plan: {work}")
     if dry_run:
         return ScoreResult([], {"plan": plan, "config": dataclasses.asdict(config)}, outdir, rows, source)
     if not ok:
         raise ValueError("no row can be scored: " + json.dumps(statuses))
+    if not ensemble:
+        t0 = time.perf_counter()
+        values, counted = _forward_method(config, model, tok, rows, encoded, ok, snaps, pad_id_of(tok))
+        timings["scoring_s"] = time.perf_counter() - t0
+        records = _records(rows, encoded, ok, config, values=values)
+        timings["total_s"] = time.perf_counter() - t_start
+        run = _run_summary(config, source, plan, timings, counted, model)
+        if outdir:
+            _write_outputs(outdir, records, run)
+        return ScoreResult(records, run, outdir, rows, source)
 
     from .ensemble import LoRAEnsemble
 
@@ -299,7 +321,7 @@ def score(
     ens = LoRAEnsemble(model, members=config.members, r=config.rank, alpha=config.alpha,
                        dropout=config.dropout, target_modules=config.targets, seed=config.seed)
     opt = ens.make_optimizer(lr=config.lr)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_id_of(tok)
     m = config.members
     early_sq = np.full((len(ok), m), np.nan)
     late_sq = np.full((len(ok), m), np.nan)
@@ -335,7 +357,7 @@ def score(
             "early_sq": early_sq, "late_sq": late_sq, "state": state,
         }, ckpt_path)
 
-    total = steps_per_epoch * config.epochs + 2 * len(snaps)
+    total = steps_per_epoch * n_epochs + n_snaps * len(snaps)
     done = (state["epoch"] * steps_per_epoch + state["step"]
             + len(snaps) * len(state["snaps_done"]) + state["snap_batch"])
     bar = _progress(total, "scoring", progress)
@@ -370,12 +392,14 @@ def score(
 
     def due_snapshots() -> None:
         for which, after, target in (("early", config.early, early_sq), ("late", config.late, late_sq)):
+            if which == "late" and config.method == "grand":
+                continue
             if state["epoch"] >= after and which not in state["snaps_done"]:
                 run_snapshot(which, target)
 
     # Snapshots that a resumed run had finished are skipped; one in progress goes on.
     due_snapshots()
-    while state["epoch"] < config.epochs:
+    while state["epoch"] < n_epochs:
         epoch = state["epoch"]
         schedule = member_schedule(lengths, config.batch_size, epoch, ens.member_seeds, config.seed)
         t = time.perf_counter()
@@ -411,69 +435,146 @@ def score(
 
     timings["train_s"] = state["train_s"]
     timings["snapshot_s"] = state["snapshot_s"]
-    records = _records(rows, encoded, ok, early_sq, late_sq, config)
-    total_tokens = state["tokens"] + state["padded"]
+    records = _records(rows, encoded, ok, config, early_sq=early_sq,
+                       late_sq=None if config.method == "grand" else late_sq)
     timings["total_s"] = time.perf_counter() - t_start
-    run = {
-        "config": dataclasses.asdict(config),
-        "versions": _versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "device": str(next(ens.adapters.parameters()).device)},
-        "seed": config.seed,
-        "source": {"kind": getattr(source, "kind", None), "path": getattr(source, "path", None)},
-        "plan": plan,
-        "timings": timings,
-        "tokens_processed": state["tokens"],
-        "tokens_per_second": state["tokens"] / max(1e-9, state["train_s"] + state["snapshot_s"]),
-        "padding_fraction": state["padded"] / max(1, total_tokens),
-        "member_seeds": ens.member_seeds,
-        "final_losses": state["losses"][-1][2] if state["losses"] else None,
-    }
+    counted = {"tokens": state["tokens"], "padded": state["padded"],
+               "seconds": state["train_s"] + state["snapshot_s"]}
+    run = _run_summary(config, source, plan, timings, counted, model)
+    run["member_seeds"] = ens.member_seeds
+    run["final_losses"] = state["losses"][-1][2] if state["losses"] else None
     ens.remove()
     if outdir:
         _write_outputs(outdir, records, run)
     return ScoreResult(records, run, outdir, rows, source)
 
 
+def pad_id_of(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def _run_summary(config, source, plan, timings, counted, model) -> dict[str, Any]:
+    total_tokens = counted["tokens"] + counted["padded"]
+    return {
+        "config": dataclasses.asdict(config),
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "device": str(next(model.parameters()).device)},
+        "seed": config.seed,
+        "method": config.method,
+        "source": {"kind": getattr(source, "kind", None), "path": getattr(source, "path", None)},
+        "plan": plan,
+        "timings": timings,
+        "tokens_processed": counted["tokens"],
+        "tokens_per_second": counted["tokens"] / max(1e-9, counted["seconds"]),
+        "padding_fraction": counted["padded"] / max(1, total_tokens),
+    }
+
+
+def _response_text(row: Any) -> str:
+    if row.kind == "chat":
+        return "\n".join(m["content"] for m in row.messages or [] if m.get("role") == "assistant")
+    return row.output
+
+
+def _forward_method(config, model, tok, rows, encoded, ok, snaps, pad_id):
+    """Scores of the forward-only baselines: ``(values over ok rows, token counts)``."""
+    from .data import encode_pair
+    from .methods import example_losses, ifd_from_losses, random_scores
+
+    counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
+    if config.method == "random":
+        return {"random": random_scores(len(ok), config.seed)}, counted
+    model.eval()
+
+    def losses(encs: list[Any]) -> np.ndarray:
+        out = np.full(len(ok), np.nan)
+        t = time.perf_counter()
+        for idx in snaps:
+            ids, labels, mask = _collate(encs, idx, pad_id)
+            out[idx] = example_losses(model, ids, labels, mask).double().numpy()
+            counted["tokens"] += int(mask.sum())
+            counted["padded"] += int(mask.numel() - mask.sum())
+        counted["seconds"] += time.perf_counter() - t
+        return out
+
+    cond = losses([encoded[i] for i in ok])
+    if config.method == "loss":
+        return {"loss": cond}, counted
+    alone_enc = [encode_pair(tok, "", _response_text(rows[i]), config.max_length) for i in ok]
+    alone = losses(alone_enc)
+    values = {"cond_loss": cond, "alone_loss": alone,
+              "ifd": ifd_from_losses(cond, alone, "loss_ratio"),
+              "ifd_ppl": ifd_from_losses(cond, alone, "ppl_ratio")}
+    return values, counted
+
+
 def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _records(rows, encoded, ok, early_sq, late_sq, config: ScoreConfig) -> list[dict[str, Any]]:
+def _records(rows, encoded, ok, config: ScoreConfig, *, early_sq=None, late_sq=None,
+             values: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """One record per input row; ``score`` is the method's score, ``rank`` its rank."""
     from .gsnr import ablation_scores, gsnr_components, rank_scores
+    from .methods import HIGHER_IS_BETTER, ifd_rank_scores
 
-    comp = gsnr_components(early_sq, late_sq, config.gsnr_config())
-    abl = ablation_scores(comp)
     n = len(rows)
-    full = {k: np.full(n, np.nan) for k in ("gsnr", "drop", "late_var", "early_mean", "late_mean")}
-    for k in full:
-        full[k][ok] = comp[k]
-    ranks = rank_scores(full["gsnr"])
+    values = dict(values or {})
+    comp: dict[str, np.ndarray] = {}
+    if early_sq is not None and late_sq is not None:
+        comp = gsnr_components(early_sq, late_sq, config.gsnr_config())
+        values.update({f"ablation.{k}": v for k, v in ablation_scores(comp).items()})
+    elif early_sq is not None:
+        values["early_mean"] = np.mean(early_sq, axis=1)
+    method = config.method
+    if method in ("gsnr", "drop", "late_var"):
+        method_score = comp[method]
+    elif method == "grand":
+        method_score = values["early_mean"]
+    elif method in ("ifd", "ifd_ppl"):
+        method_score = ifd_rank_scores(values[method])
+    else:
+        method_score = values[method]
+    full = np.full(n, np.nan)
+    full[ok] = method_score
+    ranks = rank_scores(full, higher_is_better=HIGHER_IS_BETTER[method])
     pos = {row_i: j for j, row_i in enumerate(ok)}
     records = []
     for i, row in enumerate(rows):
         enc = encoded[i]
         j = pos.get(i)
+
+        def at(arr):
+            return None if j is None or arr is None else _num(arr[j])
+
         rec = {
             "index": row.index,
             "id": row.id,
             "status": row.status,
-            "gsnr": _num(full["gsnr"][i]),
-            "drop": _num(full["drop"][i]),
-            "late_var": _num(full["late_var"][i]),
-            "early_mean": _num(full["early_mean"][i]),
-            "late_mean": _num(full["late_mean"][i]),
-            "early_sq": None if j is None else [_num(v) for v in early_sq[j]],
-            "late_sq": None if j is None else [_num(v) for v in late_sq[j]],
+            "method": method,
+            "score": _num(full[i]),
+            "gsnr": at(comp.get("gsnr")),
+            "drop": at(comp.get("drop")),
+            "late_var": at(comp.get("late_var")),
+            "early_mean": at(comp.get("early_mean", values.get("early_mean"))),
+            "late_mean": at(comp.get("late_mean")),
+            "early_sq": None if j is None or early_sq is None else [_num(v) for v in early_sq[j]],
+            "late_sq": None if j is None or late_sq is None else [_num(v) for v in late_sq[j]],
             "n_tokens": None if enc is None else enc.n_tokens,
             "n_response_tokens": None if enc is None else enc.n_response_tokens,
             "truncated": None if enc is None else enc.truncated,
             "rank": int(ranks[i]),
         }
-        if j is not None:
-            for name, values in abl.items():
-                rec.setdefault("ablation", {})[name] = _num(values[j])
+        for name, arr in values.items():
+            if name.startswith("ablation."):
+                if j is not None:
+                    rec.setdefault("ablation", {})[name.split(".", 1)[1]] = _num(arr[j])
+            elif name not in rec:
+                rec[name] = at(arr)
+        if method in ("ifd", "ifd_ppl") and j is not None:
+            rec["discarded"] = not (values[method][j] < 1.0)
         records.append(rec)
     return records
 
@@ -481,13 +582,17 @@ def _records(rows, encoded, ok, early_sq, late_sq, config: ScoreConfig) -> list[
 def _write_outputs(outdir: str, records: list[dict], run: dict) -> None:
     from .plots import plot_drop_vs_variance, plot_gsnr_distribution
 
+    os.makedirs(outdir, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     _atomic_write(os.path.join(outdir, SCORES_FILE), lines.encode("utf-8"))
     _atomic_write(os.path.join(outdir, RUN_FILE), json.dumps(run, indent=2).encode("utf-8"))
+    if not any(r["drop"] is not None for r in records):
+        return
     g = np.array([np.nan if r["gsnr"] is None else r["gsnr"] for r in records])
     d = np.array([np.nan if r["drop"] is None else r["drop"] for r in records])
     v = np.array([np.nan if r["late_var"] is None else r["late_var"] for r in records])
-    top = np.array([r["rank"] <= max(1, len(records) // 10) and r["gsnr"] is not None for r in records])
+    top = np.array([r["rank"] <= max(1, len(records) // 10) and r["score"] is not None
+                    for r in records])
     threshold = float(np.nanmin(np.where(top, g, np.nan))) if top.any() else None
     plot_gsnr_distribution(g, os.path.join(outdir, "gsnr_distribution.png"), threshold)
     plot_drop_vs_variance(d, v, os.path.join(outdir, "drop_vs_variance.png"), top)
@@ -511,8 +616,13 @@ def _select_from(records, rows, source, ratio, top_k, output, order):
     from .gsnr import select_top
     from .rows import write_subset
 
-    g = np.array([np.nan if r["gsnr"] is None else r["gsnr"] for r in records])
-    chosen = select_top(g, ratio=ratio, top_k=top_k, n_rows=len(records)).tolist()
+    from .methods import HIGHER_IS_BETTER
+
+    method = records[0].get("method", "gsnr") if records else "gsnr"
+    key = "score" if records and "score" in records[0] else "gsnr"
+    g = np.array([np.nan if r[key] is None else r[key] for r in records])
+    chosen = select_top(g, ratio=ratio, top_k=top_k, n_rows=len(records),
+                        higher_is_better=HIGHER_IS_BETTER[method]).tolist()
     return write_subset(rows, source, chosen, output, order=order), chosen
 
 

@@ -233,7 +233,7 @@ def test_cli_score_select_and_norms(tmp_path):
     r = run("score", str(data), "-o", str(out), "--proxy", str(model_dir), "--members", "2",
             "--max-length", "96", "--no-progress", "--show", "2")
     assert r.returncode == 0, r.stderr
-    assert "top 2 by G-SNR" in r.stdout and "missing field 'output'" in r.stdout
+    assert "top 2 by gsnr" in r.stdout and "missing field 'output'" in r.stdout
     r = run("select", str(out), "--ratio", "0.5")
     assert r.returncode == 0, r.stderr
     selected = json.loads((out / "selected.json").read_text())

@@ -58,3 +58,24 @@ def test_smollm2_alpaca_matches_loop(smollm2, side):
     assert torch.isfinite(got).all() and (got > 0).all()
     rel = ((got.double() - want.double()).abs() / want.double()).max().item()
     assert rel <= 1e-4, (rel, got, want)
+
+
+@pytest.mark.slow
+def test_smollm2_pipeline_end_to_end(smollm2, tmp_path):
+    """The whole pipeline on the real proxy and real Alpaca rows (small settings)."""
+    from gradfilter.models import load_proxy
+    from gradfilter.pipeline import ScoreConfig, score, select
+
+    rows = alpaca_rows(5)
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows + [{"instruction": "no output"}]), encoding="utf-8")
+    res = score(str(data), str(tmp_path / "out"),
+                ScoreConfig(members=2, epochs=2, batch_size=2, max_length=96, lr=1e-3),
+                progress=False, model_and_tokenizer=load_proxy())
+    assert [r["status"] for r in res.records] == ["ok"] * 5 + ["missing field 'output'"]
+    ok = res.records[:5]
+    assert all(r["gsnr"] is not None and len(r["late_sq"]) == 2 for r in ok)
+    assert all(v > 0 for r in ok for v in r["early_sq"] + r["late_sq"])
+    assert sorted(r["rank"] for r in ok) == [1, 2, 3, 4, 5]
+    path, chosen = select(str(tmp_path / "out"), top_k=2)
+    assert json.loads(open(path, encoding="utf-8").read()) == [rows[i] for i in chosen]

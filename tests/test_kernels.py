@@ -1,0 +1,260 @@
+"""Triton kernels for per-example outer-product gradient norms over packed rows.
+
+Without CUDA the kernels run in the Triton interpreter on the CPU, so every case
+is kept tiny.  The oracle is :mod:`gradfilter.reference` in float64 on the
+examples unpacked to a zero-padded ``[B, W, .]`` batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_SET_INTERPRET = "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available()
+if _SET_INTERPRET:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+
+from gradfilter import ops  # noqa: E402
+from gradfilter import reference as ref  # noqa: E402
+from gradfilter.kernels import lora_norms as K  # noqa: E402
+
+if _SET_INTERPRET:
+    # Triton fixed the interpreter mode when the kernels were decorated; drop the
+    # variable again so that other test modules keep their usual backend.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+if not K.interpreted() and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cpu" if K.interpreted() else "cuda"
+ROUTES = ["direct", "ghost"]
+
+
+def launch(route: str, *args, **kwargs) -> torch.Tensor:
+    fn = K.outer_sq_norms_direct if route == "direct" else K.outer_sq_norms_gram
+    return fn(*args, **kwargs)
+
+
+def unpack(rows: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Packed rows ``[N, d]`` -> zero-padded ``[B, W, d]`` in float64 (W = longest example)."""
+    bounds = cu.tolist()
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    width = max(lengths, default=0)
+    out = torch.zeros(len(lengths), width, rows.shape[1], dtype=torch.float64)
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out[i, : e - s] = rows[s:e].double().cpu()
+    return out
+
+
+def outer_sq_norms_packed_ref(left: torch.Tensor, right: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """float64 ``||sum_{t in i} left[t] (x) right[t]||^2`` per example, via the padded reference."""
+    return ref.outer_sq_norms_direct_ref(unpack(left, cu.cpu()), unpack(right, cu.cpu()))
+
+
+def cu_from(lengths: list[int], offset: int = 0, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    vals = [offset]
+    for n in lengths:
+        vals.append(vals[-1] + n)
+    return torch.tensor(vals, dtype=dtype, device=DEVICE)
+
+
+def rows(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen).to(dtype).to(DEVICE)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got = got.double().cpu()
+    scale = want.abs().max().clamp_min(1e-30)
+    return float(((got - want).abs() / want.abs().clamp_min(1e-3 * scale)).max()) if want.numel() else 0.0
+
+
+# (lengths, a, b, extra rows at the start / end that no example owns)
+CASES = {
+    "ragged_with_0_and_1": ([0, 1, 3, 17, 0, 64], 7, 33, 0, 0),
+    "a1_b100": ([5, 1, 0, 12], 1, 100, 0, 0),
+    "single_row": ([1], 63, 5, 0, 0),
+    "lora_b_r1": ([10, 0, 31], 33, 1, 0, 0),
+    "lora_a_r4_odd": ([9, 2, 20], 4, 63, 0, 0),
+    "unowned_rows": ([4, 6, 3], 5, 7, 3, 4),
+    # ensemble members folded into examples: M=4 members x B=6 examples
+    "many_members": ([3, 0, 7, 1, 12, 5] * 4, 16, 20, 0, 0),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_matches_reference(route, case):
+    lengths, a, b, head, tail = CASES[case]
+    cu = cu_from(lengths, offset=head)
+    n = head + sum(lengths) + tail
+    left, right = rows(n, a, 1), rows(n, b, 2)
+    got = launch(route, left, right, cu)
+    assert got.dtype == torch.float32 and got.shape == (len(lengths),)
+    want = outer_sq_norms_packed_ref(left, right, cu)
+    assert rel_err(got, want) < 1e-4
+    zero = torch.tensor(lengths) == 0
+    assert bool((got.cpu()[zero] == 0).all())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("case", ["ragged_with_0_and_1", "a1_b100", "many_members"])
+def test_fp16_matches_reference_on_rounded_inputs(route, case):
+    lengths, a, b, head, tail = CASES[case]
+    cu = cu_from(lengths, offset=head)
+    n = head + sum(lengths) + tail
+    left, right = rows(n, a, 3, torch.float16), rows(n, b, 4, torch.float16)
+    got = launch(route, left, right, cu)
+    # fp16 rounding is in the inputs only; products and sums are fp32.
+    want = outer_sq_norms_packed_ref(left, right, cu)
+    assert rel_err(got, want) < 1e-3
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="bfloat16 is wrong in the Triton interpreter")
+@pytest.mark.parametrize("route", ROUTES)
+def test_bf16_on_gpu(route):
+    lengths, a, b, _, _ = CASES["ragged_with_0_and_1"]
+    cu = cu_from(lengths)
+    left, right = rows(sum(lengths), a, 5, torch.bfloat16), rows(sum(lengths), b, 6, torch.bfloat16)
+    assert rel_err(launch(route, left, right, cu), outer_sq_norms_packed_ref(left, right, cu)) < 1e-3
+
+
+def test_routes_agree_with_each_other():
+    lengths, a, b = [2, 40, 0, 7], 9, 11
+    cu = cu_from(lengths)
+    left, right = rows(sum(lengths), a, 7), rows(sum(lengths), b, 8)
+    torch.testing.assert_close(
+        launch("direct", left, right, cu), launch("ghost", left, right, cu), rtol=1e-5, atol=0
+    )
+
+
+def test_direct_split_along_t_matches_whole_example():
+    lengths, a, b = [64, 0, 37, 1, 50], 5, 9
+    cu = cu_from(lengths)
+    left, right = rows(sum(lengths), a, 9), rows(sum(lengths), b, 10)
+    whole = K.outer_sq_norms_direct(left, right, cu)
+    want = outer_sq_norms_packed_ref(left, right, cu)
+    for rpp in (7, 16, 32):  # 10, 4 and 2 chunks of the longest example
+        split = K.outer_sq_norms_direct(left, right, cu, rows_per_program=rpp)
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=0)
+        assert rel_err(split, want) < 1e-4
+
+
+def test_gram_split_along_t_matches_one_block():
+    lengths, a, b = [64, 0, 37, 1, 50], 5, 9
+    cu = cu_from(lengths)
+    left, right = rows(sum(lengths), a, 11), rows(sum(lengths), b, 12)
+    one = K.outer_sq_norms_gram(left, right, cu, config=triton.Config({"BLOCK_T": 64, "BLOCK_K": 16}))
+    # 16-row blocks: 4 x 4 block pairs per 64-row example, 10 programs with p <= q.
+    many = K.outer_sq_norms_gram(left, right, cu, config=triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}))
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=0)
+    assert rel_err(many, outer_sq_norms_packed_ref(left, right, cu)) < 1e-4
+
+
+def test_deterministic_and_index_dtypes():
+    lengths, a, b = [5, 30, 0, 12], 6, 10
+    left, right = rows(sum(lengths), a, 13), rows(sum(lengths), b, 14)
+    for route in ROUTES:
+        first = launch(route, left, right, cu_from(lengths, dtype=torch.int32))
+        again = launch(route, left, right, cu_from(lengths, dtype=torch.int64))
+        assert torch.equal(first, again)
+
+
+def test_non_contiguous_inputs():
+    lengths, a, b = [6, 11], 5, 8
+    n = sum(lengths)
+    left = rows(a, n, 15).t()  # [n, a] with stride (1, n)
+    right = rows(n, 2 * b, 16)[:, ::2]
+    cu = cu_from(lengths)
+    want = outer_sq_norms_packed_ref(left, right, cu)
+    for route in ROUTES:
+        assert rel_err(launch(route, left, right, cu), want) < 1e-4
+
+
+def test_auto_route_follows_cost_model():
+    # equal lengths: same decision as the padded reference's choose_route
+    for n, a, b in [(4, 64, 64), (60, 2, 3), (16, 16, 1), (1, 1, 1)]:
+        assert K.choose_packed_route(torch.full((3,), n), a, b) == ref.choose_route(n, a, b)
+    lengths, a, b = [3, 0, 6, 2], 40, 50  # short examples, wide features -> ghost
+    assert K.choose_packed_route(torch.tensor(lengths), a, b) == "ghost"
+    cu = cu_from(lengths)
+    left, right = rows(sum(lengths), a, 17), rows(sum(lengths), b, 18)
+    want = outer_sq_norms_packed_ref(left, right, cu)
+    assert rel_err(K.outer_sq_norms(left, right, cu), want) < 1e-4
+    assert rel_err(K.outer_sq_norms(left, right, cu, route="gram"), want) < 1e-4
+    assert rel_err(K.outer_sq_norms(left, right, cu, route="direct"), want) < 1e-4
+
+
+def test_empty_batches():
+    for route in ROUTES:
+        assert launch(route, rows(4, 3, 0), rows(4, 5, 0), cu_from([])).shape == (0,)
+        out = launch(route, rows(0, 3, 0), rows(0, 5, 0), cu_from([0, 0]))
+        assert torch.equal(out.cpu(), torch.zeros(2))
+        out = launch(route, rows(3, 0, 0), rows(3, 5, 0), cu_from([3]))
+        assert torch.equal(out.cpu(), torch.zeros(1))
+
+
+def test_bad_inputs_raise_clear_errors():
+    left, right, cu = rows(6, 3, 0), rows(6, 4, 1), cu_from([2, 4])
+    with pytest.raises(ValueError, match=r"packed rows \[N, a\] and \[N, b\]"):
+        K.outer_sq_norms_direct(left.unsqueeze(0), right, cu)
+    with pytest.raises(ValueError, match="same number of rows, got 6 and 5"):
+        K.outer_sq_norms_gram(left, right[:5], cu)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D tensor \[B \+ 1\]"):
+        K.outer_sq_norms_direct(left, right, cu.view(1, 3))
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
+        K.outer_sq_norms_direct(left, right, cu.float())
+    with pytest.raises(TypeError, match="same dtype"):
+        K.outer_sq_norms_direct(left, right.half(), cu)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        K.outer_sq_norms_gram(left.double(), right.double(), cu)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        K.outer_sq_norms_direct(left.tolist(), right, cu)
+    with pytest.raises(ValueError, match=r"non-decreasing; cu_seqlens\[2\] = 1 < cu_seqlens\[1\] = 2"):
+        K.outer_sq_norms_direct(left, right, cu_from([2, -1]))
+    with pytest.raises(ValueError, match="ends at 7 but left and right have only 6 rows"):
+        K.outer_sq_norms_gram(left, right, cu_from([3, 4]))
+    with pytest.raises(ValueError, match="start at 0 or more"):
+        K.outer_sq_norms_direct(left, right, cu_from([1], offset=-1))
+    with pytest.raises(ValueError, match="unknown route 'fast'"):
+        K.outer_sq_norms(left, right, cu, route="fast")
+    with pytest.raises(ValueError, match="rows_per_program must be >= 1"):
+        K.outer_sq_norms_direct(left, right, cu, rows_per_program=0)
+    with pytest.raises(ValueError, match="BLOCK_T >= 16"):
+        K.outer_sq_norms_gram(left, right, cu, config=triton.Config({"BLOCK_T": 8, "BLOCK_K": 16}))
+    if K.interpreted():
+        with pytest.raises(TypeError, match="bfloat16 is not supported under the Triton interpreter"):
+            K.outer_sq_norms_direct(left.bfloat16(), right.bfloat16(), cu)
+    else:
+        with pytest.raises(ValueError, match="on one device"):
+            K.outer_sq_norms_direct(left, right, cu.cpu())
+        with pytest.raises(RuntimeError, match="need CUDA tensors"):
+            K.outer_sq_norms_direct(left.cpu(), right.cpu(), cu.cpu())
+
+
+def test_configs():
+    for route, keys in (("direct", ("BLOCK_A", "BLOCK_B", "BLOCK_T")), ("ghost", ("BLOCK_T", "BLOCK_K"))):
+        configs = K.autotune_configs(route)
+        assert configs and all(isinstance(c, triton.Config) for c in configs)
+        for c in configs:
+            assert all(c.kwargs[k] >= 16 and c.kwargs[k] & (c.kwargs[k] - 1) == 0 for k in keys)
+    assert K.fixed_config("direct", 1, 100, 7).kwargs == {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_T": 32}
+    assert K.fixed_config("ghost", 4, 33, 5).kwargs == {"BLOCK_T": 16, "BLOCK_K": 64}
+    # pruning keeps tiles no wider than the data (LoRA A with r = 16)
+    kept = K._prune_direct(K.autotune_configs("direct"), {"a": 16, "b": 4096})
+    assert kept and all(c.kwargs["BLOCK_A"] == 16 for c in kept)
+    kept = K._prune_gram(K.autotune_configs("ghost"), {"a": 8, "b": 100, "max_len": 3})
+    assert kept and {c.kwargs["BLOCK_T"] for c in kept} == {16}
+
+
+def test_triton_available(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.triton_available()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.triton_available() == torch.cuda.is_available()
