@@ -264,12 +264,64 @@ def _add_score_parser(sub: Any) -> None:
     p.set_defaults(func=_select)
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from .pipeline import ScoreConfig
+    from .quality_bench import QualityConfig, run
+
+    qcfg = QualityConfig(
+        data=args.data, foreign=args.foreign, pool=args.pool, heldout=args.heldout,
+        fraction=args.fraction, seed=args.seed, methods=[m for m in args.methods.split(",") if m],
+        select_ratio=args.select_ratio, train_steps=args.train_steps, train_batch=args.train_batch,
+        eval_every=args.eval_every,
+    )
+    scfg = ScoreConfig(proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank,
+                       epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                       seed=args.seed, token_budget=args.token_budget or None)
+    try:
+        results = run(qcfg, scfg, args.output, downstream=not args.no_downstream,
+                      progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(open(os.path.join(args.output, "results.md"), encoding="utf-8").read())
+    print(f"corrupted rows: {results['corrupted_rows']} of {qcfg.pool}; wrote {args.output}")
+    return 0
+
+
+def _add_quality_parser(sub: Any) -> None:
+    p = sub.add_parser("quality-bench", help="offline selection-quality benchmark")
+    p.add_argument("--data", required=True, help="Alpaca-style JSON list to sample the pool from")
+    p.add_argument("--foreign", default=None, help="JSON list whose responses serve as 'foreign'")
+    p.add_argument("-o", "--output", default="runs/quality")
+    p.add_argument("--pool", type=int, default=400)
+    p.add_argument("--heldout", type=int, default=100)
+    p.add_argument("--fraction", type=float, default=0.2, help="share of the pool corrupted")
+    p.add_argument("--methods", default="gsnr,drop,late_var,grand,loss,ifd,ifd_ppl,random")
+    p.add_argument("--select-ratio", type=float, default=0.1)
+    p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--no-downstream", action="store_true")
+    p.add_argument("--proxy", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_quality)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score_parser(sub)
+    _add_quality_parser(sub)
     for name, helptext in (
         ("demo", "per-example LoRA gradient norms of the shipped demo set on the offline proxy"),
         ("norms", "per-example LoRA gradient norms of an Alpaca JSON/JSONL file"),

@@ -25,8 +25,10 @@ from gradfilter import reference as ref  # noqa: E402
 from gradfilter.kernels import lora_norms as K  # noqa: E402
 
 if _SET_INTERPRET:
-    # Triton fixed the interpreter mode when the kernels were decorated; drop the
-    # variable again so that other test modules keep their usual backend.
+    # Triton fixed the interpreter mode when the kernels were decorated.  The
+    # interpreter still needs the variable while kernels run, so the fixture
+    # below sets it for this module's tests only; other test modules keep their
+    # usual backend.
     os.environ.pop("TRITON_INTERPRET", None)
 
 if not K.interpreted() and not torch.cuda.is_available():
@@ -34,6 +36,18 @@ if not K.interpreted() and not torch.cuda.is_available():
 
 DEVICE = "cpu" if K.interpreted() else "cuda"
 ROUTES = ["direct", "ghost"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_env():
+    if not _SET_INTERPRET:
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
 
 
 def launch(route: str, *args, **kwargs) -> torch.Tensor:
@@ -258,3 +272,10 @@ def test_triton_available(monkeypatch):
     assert ops.triton_available()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert ops.triton_available() == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only")
+def test_interpreter_variable_unset_after_import(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET is no longer set"):
+        K.outer_sq_norms_direct(rows(3, 2, 0), rows(3, 2, 1), cu_from([3]))

@@ -1,0 +1,230 @@
+"""Offline selection-quality benchmark: how well does each selector select?
+
+1. Sample a pool of real rows (seeded) and a held-out set of clean rows that are
+   not in the pool.
+2. Corrupt a known fraction of the pool (:func:`gradfilter.quality.corrupt`).
+3. Score the pool with every method through the same data path and proxy
+   (:func:`gradfilter.pipeline.score`), timing each.
+4. Detection: AUROC of clean against corrupted, and the corrupted share of the
+   top 5 / 10 / 15 %.
+5. Downstream: train one LoRA adapter on the proxy per method on its top
+   ``select_ratio`` (and on random subsets with several seeds), all with the
+   same number of steps and batch size, and record the held-out loss against
+   steps.  The adapters are members of one :class:`LoRAEnsemble`, so they train
+   side by side in one folded pass.
+
+Everything lands in ``OUTDIR``: ``pool.jsonl``, ``labels.jsonl``, one folder of
+scores per method, ``results.json``, ``results.md`` and ``heldout_loss.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class QualityConfig:
+    data: str
+    foreign: str | None = None
+    pool: int = 400
+    heldout: int = 100
+    fraction: float = 0.2
+    seed: int = 0
+    methods: Sequence[str] = ("gsnr", "drop", "late_var", "grand", "loss", "ifd", "ifd_ppl", "random")
+    select_ratio: float = 0.1
+    random_seeds: Sequence[int] = (0, 1, 2)
+    train_steps: int = 60
+    train_batch: int = 4
+    eval_every: int = 10
+    lr: float = 2e-4
+
+
+def _sample(rows: list[dict], n_pool: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    usable = [r for r in rows if isinstance(r.get("output"), str) and r["output"].strip()
+              and isinstance(r.get("instruction"), str)]
+    if len(usable) < n_pool + n_heldout:
+        raise ValueError(f"{len(usable)} usable rows, need pool {n_pool} + held-out {n_heldout}")
+    order = np.random.default_rng(seed).permutation(len(usable))
+    pool = [usable[i] for i in order[:n_pool]]
+    heldout = [usable[i] for i in order[n_pool : n_pool + n_heldout]]
+    return pool, heldout
+
+
+def _keep_scores(records: list[dict], method: str) -> np.ndarray:
+    """Scores where higher means keep; NaN (unscored, discarded) ranks lowest."""
+    from .methods import HIGHER_IS_BETTER
+
+    s = np.array([np.nan if r["score"] is None else r["score"] for r in records], dtype=float)
+    return s if HIGHER_IS_BETTER[method] else -s
+
+
+def _encode_all(rows: list[dict], tok: Any, max_length: int) -> list[Any]:
+    from .data import encode_row
+    from .rows import load_rows
+
+    loaded, _ = load_rows(rows)
+    return [encode_row(r, tok, max_length) for r in loaded]
+
+
+def _heldout_losses(ens: Any, heldout: list[Any], pad_id: int, batch: int) -> list[float]:
+    from .data import pad_batch
+
+    sums = torch.zeros(ens.members, dtype=torch.float64)
+    counts = torch.zeros(ens.members, dtype=torch.float64)
+    ens.eval()
+    with torch.no_grad():
+        for i in range(0, len(heldout), batch):
+            ids, labels, mask = pad_batch(heldout[i : i + batch], pad_id)
+            s, c = ens.member_ce_sums(ens.fold(ids), ens.fold(labels), ens.fold(mask))
+            sums += s.double().cpu()
+            counts += c.double().cpu()
+    return (sums / counts.clamp(min=1)).tolist()
+
+
+def _downstream(cfg: QualityConfig, score_cfg: Any, model: Any, tok: Any,
+                subsets: dict[str, list[int]], pool_enc: list[Any], held_enc: list[Any],
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Train one adapter per subset for the same number of steps; held-out loss curves."""
+    from .data import pad_batch
+    from .ensemble import LoRAEnsemble
+    from .pipeline import pad_id_of
+
+    names = list(subsets)
+    ens = LoRAEnsemble(model, members=len(names), r=score_cfg.rank, alpha=score_cfg.alpha,
+                       dropout=score_cfg.dropout, target_modules=score_cfg.targets,
+                       member_seeds=[cfg.seed] * len(names))  # same init: only the data differ
+    opt = ens.make_optimizer(lr=cfg.lr)
+    pad_id = pad_id_of(tok)
+    rngs = [np.random.default_rng(cfg.seed + 17 * k) for k in range(len(names))]
+    orders = [list(rngs[k].permutation(subsets[n])) for k, n in enumerate(names)]
+    cursors = [0] * len(names)
+    curves: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
+    t0 = time.perf_counter()
+    for step in range(cfg.train_steps + 1):
+        if step % cfg.eval_every == 0 or step == cfg.train_steps:
+            for n, loss in zip(names, _heldout_losses(ens, held_enc, pad_id, cfg.train_batch * 2)):
+                curves[n].append((step, loss))
+        if step == cfg.train_steps:
+            break
+        batches = []
+        for k in range(len(names)):
+            idx = []
+            while len(idx) < cfg.train_batch:
+                if cursors[k] == len(orders[k]):
+                    orders[k] = list(rngs[k].permutation(subsets[names[k]]))
+                    cursors[k] = 0
+                idx.append(orders[k][cursors[k]])
+                cursors[k] += 1
+            batches.append(pad_batch([pool_enc[i] for i in idx], pad_id))
+        ens.train_step(batches, opt, max_tokens=score_cfg.token_budget)
+        if step % cfg.eval_every == 0:
+            say(f"downstream step {step}/{cfg.train_steps}")
+    ens.remove()
+    return {"curves": curves, "seconds": time.perf_counter() - t0,
+            "final": {n: c[-1][1] for n, c in curves.items()}}
+
+
+def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = True,
+        model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = True,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns (and writes) the results."""
+    from .gsnr import select_top
+    from .methods import METHODS
+    from .pipeline import score
+    from .quality import corrupt, corrupted_mask, markdown_table, summary
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    os.makedirs(outdir, exist_ok=True)
+    with open(cfg.data, encoding="utf-8") as f:
+        rows = json.load(f)
+    foreign = None
+    if cfg.foreign:
+        with open(cfg.foreign, encoding="utf-8") as f:
+            foreign = json.load(f)
+    pool, heldout = _sample(rows, cfg.pool, cfg.heldout, cfg.seed)
+    pool, labels = corrupt(pool, cfg.fraction, cfg.seed, foreign_rows=foreign)
+    corrupted = corrupted_mask(labels)
+    pool_path = os.path.join(outdir, "pool.jsonl")
+    with open(pool_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pool)
+    with open(os.path.join(outdir, "labels.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(lab) + "\n" for lab in labels)
+
+    if model_and_tokenizer is None:
+        from .models import load_proxy
+
+        model_and_tokenizer = load_proxy(score_cfg.proxy, dtype=getattr(torch, score_cfg.dtype))
+    model, tok = model_and_tokenizer
+    keep: dict[str, np.ndarray] = {}
+    timing: dict[str, dict[str, float]] = {}
+    for method in cfg.methods:
+        say(f"scoring the pool with {method}")
+        mcfg = dataclasses.replace(score_cfg, method=method)
+        res = score(pool_path, os.path.join(outdir, method), mcfg, progress=progress,
+                    model_and_tokenizer=(model, tok), log=say)
+        keep[method] = _keep_scores(res.records, method)
+        t = res.run["timings"]
+        timing[method] = {"seconds": t["total_s"] - t.get("load_s", 0.0),
+                          "tokens_per_second": res.run["tokens_per_second"]}
+    table = summary(keep, corrupted)
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg), "score_config": dataclasses.asdict(score_cfg),
+        "corrupted_rows": int(corrupted.sum()), "detection": table, "timing": timing,
+    }
+    if downstream:
+        k = max(1, math.floor(cfg.select_ratio * len(pool)))
+        subsets = {m: select_top(keep[m], top_k=k).tolist() for m in cfg.methods if m != "random"}
+        for s in cfg.random_seeds:
+            subsets[f"random-{s}"] = np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
+        pool_enc = _encode_all(pool, tok, score_cfg.max_length)
+        held_enc = _encode_all(heldout, tok, score_cfg.max_length)
+        results["downstream"] = _downstream(cfg, score_cfg, model, tok, subsets, pool_enc,
+                                            held_enc, say)
+        results["downstream"]["corrupted_share"] = {
+            n: float(corrupted[idx].mean()) for n, idx in subsets.items()}
+    with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    md = ["## Detection of corrupted rows", "", markdown_table(table), ""]
+    md += ["## Scoring time", "", "| method | seconds | tokens/s |", "|---|---|---|"]
+    md += [f"| {m} | {v['seconds']:.1f} | {v['tokens_per_second']:.0f} |" for m, v in timing.items()]
+    if downstream:
+        d = results["downstream"]
+        md += ["", f"## Held-out loss after {cfg.train_steps} steps (top {cfg.select_ratio:.0%})", "",
+               "| subset | corrupted share | held-out loss |", "|---|---|---|"]
+        md += [f"| {n} | {100 * d['corrupted_share'][n]:.1f}% | {d['final'][n]:.4f} |"
+               for n in sorted(d["final"], key=d["final"].get)]
+        _plot_curves(d["curves"], os.path.join(outdir, "heldout_loss.png"))
+    with open(os.path.join(outdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n")
+    return results
+
+
+def _plot_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, pts in curves.items():
+        style = ":" if name.startswith("random") else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("held-out loss (clean rows)")
+    ax.set_title("LoRA trained on each selector's subset, same budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,50 @@
+"""The selection-quality benchmark end to end on a tiny model (smoke version)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from gradfilter.pipeline import ScoreConfig
+from gradfilter.quality_bench import QualityConfig, run
+from test_pipeline import proxy
+
+WORDS = "red green blue cat dog sun moon tree rock fish bird star rain snow wind leaf".split()
+
+
+def synthetic_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = rng.choice(WORDS, 3, replace=False)
+        rows.append({"instruction": f"Name {a} {i}", "input": "",
+                     "output": f"the {a} and {b} like {c} today"})
+    return rows
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    data = tmp_path / "pool.json"
+    data.write_text(json.dumps(synthetic_rows(60, 0)))
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps([{"instruction": "x", "input": "", "output": f"ein Satz {i}"}
+                                   for i in range(10)]))
+    qcfg = QualityConfig(data=str(data), foreign=str(foreign), pool=30, heldout=8, fraction=0.3, seed=1,
+                         methods=["gsnr", "loss", "ifd", "random"], train_steps=4, eval_every=2,
+                         random_seeds=(0, 1), select_ratio=0.2)
+    scfg = ScoreConfig(members=2, rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3)
+    out = tmp_path / "bench"
+    res = run(qcfg, scfg, str(out), model_and_tokenizer=proxy(), progress=False, log=lambda s: None)
+    assert res["corrupted_rows"] == 9
+    assert {r["method"] for r in res["detection"]} == {"gsnr", "loss", "ifd", "random"}
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in res["detection"])
+    curves = res["downstream"]["curves"]
+    assert set(curves) == {"gsnr", "loss", "ifd", "random-0", "random-1"}
+    assert all([s for s, _ in c] == [0, 2, 4] for c in curves.values())
+    # Same init for every adapter: at step 0 all held-out losses agree.
+    first = [c[0][1] for c in curves.values()]
+    assert max(first) - min(first) < 1e-6
+    labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    assert sum(lab["corrupted"] for lab in labels) == 9
+    assert (out / "results.md").read_text().count("|") > 10
+    assert (out / "heldout_loss.png").stat().st_size > 1000
