@@ -17,20 +17,43 @@ import torch.nn.functional as F
 from . import reference as ref
 from .layers import Factor
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "triton")
 
 
 def backend() -> str:
-    """The backend in use: ``GRADFILTER_BACKEND`` if set, else the best available."""
+    """The backend in use: ``GRADFILTER_BACKEND`` if set, else the best available
+    (Triton on a CUDA device, the plain-PyTorch reference otherwise)."""
     wanted = os.environ.get("GRADFILTER_BACKEND", "auto").strip().lower()
     if wanted in ("", "auto"):
-        return "reference"
+        return "triton" if torch.cuda.is_available() and triton_available() else "reference"
     if wanted not in BACKENDS:
         raise ValueError(
-            f"GRADFILTER_BACKEND={wanted!r} is not available here; choose one of "
+            f"GRADFILTER_BACKEND={wanted!r} is unknown; choose one of "
             f"{', '.join(('auto',) + BACKENDS)}"
         )
+    if wanted == "triton" and not triton_available():
+        raise ValueError(
+            "GRADFILTER_BACKEND=triton needs the triton package and a CUDA device "
+            "(or TRITON_INTERPRET=1 for the CPU interpreter)"
+        )
     return wanted
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _outer_triton(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pack each example's rows (of every factor) without padding and reduce with
+    the Triton kernels; same result as the reference routes."""
+    from gradfilter.kernels.lora_norms import outer_sq_norms
+
+    masks = torch.cat([_mask(f, valid) for f in factors], dim=1)  # [B, K*T]
+    left = torch.cat([f.left for f in factors], dim=1)[masks]
+    right = torch.cat([f.right for f in factors], dim=1)[masks]
+    lengths = masks.sum(1)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=left.device)
+    cu[1:] = lengths.cumsum(0)
+    return outer_sq_norms(left, right, cu).to(dtype)
 
 
 def _rows(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -69,7 +92,7 @@ def factor_sq_norms(
     None decides by cost (padding FLOPs against per-example launches).
     Returns ``[B]`` in the factors' compute dtype.
     """
-    backend()  # validates the override even while only the reference exists
+    use_triton = backend() == "triton"
     kinds = {f.kind for f in factors}
     lo, hi = window
     v = valid[:, lo:hi]
@@ -87,6 +110,9 @@ def factor_sq_norms(
     if "sum" in kinds:
         raise ValueError(f"one parameter got incompatible gradient forms {sorted(kinds)}")
     factors = [_as_outer(f) for f in factors]
+    if use_triton and all(f.left.dtype in _TRITON_DTYPES and f.right.dtype in _TRITON_DTYPES
+                          for f in factors):
+        return _outer_triton(factors, valid, dtype)
     if loop_examples is None:
         a, b = factors[0].left.shape[-1], factors[0].right.shape[-1]
         k = len(factors)
@@ -124,7 +150,7 @@ def triton_available() -> bool:
     """
     try:
         import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install failing at import
+    except (ImportError, OSError, RuntimeError):  # absent, or a broken install
         return False
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
         return True

@@ -7,6 +7,7 @@ examples unpacked to a zero-padded ``[B, W, .]`` batch.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -18,11 +19,11 @@ if _SET_INTERPRET:
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
+import triton
+from gradfilter.kernels import lora_norms as K
 
-from gradfilter import ops  # noqa: E402
-from gradfilter import reference as ref  # noqa: E402
-from gradfilter.kernels import lora_norms as K  # noqa: E402
+from gradfilter import ops
+from gradfilter import reference as ref
 
 if _SET_INTERPRET:
     # Triton fixed the interpreter mode when the kernels were decorated.  The
@@ -58,15 +59,17 @@ def launch(route: str, *args, **kwargs) -> torch.Tensor:
 def unpack(rows: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """Packed rows ``[N, d]`` -> zero-padded ``[B, W, d]`` in float64 (W = longest example)."""
     bounds = cu.tolist()
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    lengths = [e - s for s, e in itertools.pairwise(bounds)]
     width = max(lengths, default=0)
     out = torch.zeros(len(lengths), width, rows.shape[1], dtype=torch.float64)
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (s, e) in enumerate(itertools.pairwise(bounds)):
         out[i, : e - s] = rows[s:e].double().cpu()
     return out
 
 
-def outer_sq_norms_packed_ref(left: torch.Tensor, right: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+def outer_sq_norms_packed_ref(
+    left: torch.Tensor, right: torch.Tensor, cu: torch.Tensor
+) -> torch.Tensor:
     """float64 ``||sum_{t in i} left[t] (x) right[t]||^2`` per example, via the padded reference."""
     return ref.outer_sq_norms_direct_ref(unpack(left, cu.cpu()), unpack(right, cu.cpu()))
 
@@ -84,9 +87,12 @@ def rows(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest ``|got - want| / |want|``; zero norms are measured against 1e-3 x the largest."""
+    if not want.numel():
+        return 0.0
     got = got.double().cpu()
     scale = want.abs().max().clamp_min(1e-30)
-    return float(((got - want).abs() / want.abs().clamp_min(1e-3 * scale)).max()) if want.numel() else 0.0
+    return float(((got - want).abs() / want.abs().clamp_min(1e-3 * scale)).max())
 
 
 # (lengths, a, b, extra rows at the start / end that no example owns)
@@ -136,7 +142,8 @@ def test_bf16_on_gpu(route):
     lengths, a, b, _, _ = CASES["ragged_with_0_and_1"]
     cu = cu_from(lengths)
     left, right = rows(sum(lengths), a, 5, torch.bfloat16), rows(sum(lengths), b, 6, torch.bfloat16)
-    assert rel_err(launch(route, left, right, cu), outer_sq_norms_packed_ref(left, right, cu)) < 1e-3
+    want = outer_sq_norms_packed_ref(left, right, cu)
+    assert rel_err(launch(route, left, right, cu), want) < 1e-3
 
 
 def test_routes_agree_with_each_other():
@@ -160,13 +167,30 @@ def test_direct_split_along_t_matches_whole_example():
         assert rel_err(split, want) < 1e-4
 
 
+def test_direct_auto_split_when_grid_is_small(monkeypatch):
+    # Pretend the device wants 64 programs: one 600-row example with one tile
+    # is then cut into chunks of 256 rows (3 chunks, partial tiles summed).
+    monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    assert K._auto_rows_per_program(1, 4, 20, 600, torch.device(DEVICE)) == 256
+    assert K._auto_rows_per_program(64, 4, 20, 600, torch.device(DEVICE)) == 600
+    lengths, a, b = [600, 0, 3], 4, 20
+    cu = cu_from(lengths)
+    left, right = rows(sum(lengths), a, 19), rows(sum(lengths), b, 20)
+    got = K.outer_sq_norms_direct(left, right, cu)
+    assert rel_err(got, outer_sq_norms_packed_ref(left, right, cu)) < 1e-4
+
+
 def test_gram_split_along_t_matches_one_block():
     lengths, a, b = [64, 0, 37, 1, 50], 5, 9
     cu = cu_from(lengths)
     left, right = rows(sum(lengths), a, 11), rows(sum(lengths), b, 12)
-    one = K.outer_sq_norms_gram(left, right, cu, config=triton.Config({"BLOCK_T": 64, "BLOCK_K": 16}))
+    one = K.outer_sq_norms_gram(
+        left, right, cu, config=triton.Config({"BLOCK_T": 64, "BLOCK_K": 16})
+    )
     # 16-row blocks: 4 x 4 block pairs per 64-row example, 10 programs with p <= q.
-    many = K.outer_sq_norms_gram(left, right, cu, config=triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}))
+    many = K.outer_sq_norms_gram(
+        left, right, cu, config=triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})
+    )
     torch.testing.assert_close(many, one, rtol=1e-5, atol=0)
     assert rel_err(many, outer_sq_norms_packed_ref(left, right, cu)) < 1e-4
 
@@ -230,7 +254,8 @@ def test_bad_inputs_raise_clear_errors():
         K.outer_sq_norms_gram(left.double(), right.double(), cu)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         K.outer_sq_norms_direct(left.tolist(), right, cu)
-    with pytest.raises(ValueError, match=r"non-decreasing; cu_seqlens\[2\] = 1 < cu_seqlens\[1\] = 2"):
+    msg = r"non-decreasing; cu_seqlens\[2\] = 1 < cu_seqlens\[1\] = 2"
+    with pytest.raises(ValueError, match=msg):
         K.outer_sq_norms_direct(left, right, cu_from([2, -1]))
     with pytest.raises(ValueError, match="ends at 7 but left and right have only 6 rows"):
         K.outer_sq_norms_gram(left, right, cu_from([3, 4]))
@@ -243,7 +268,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="BLOCK_T >= 16"):
         K.outer_sq_norms_gram(left, right, cu, config=triton.Config({"BLOCK_T": 8, "BLOCK_K": 16}))
     if K.interpreted():
-        with pytest.raises(TypeError, match="bfloat16 is not supported under the Triton interpreter"):
+        msg = "bfloat16 is not supported under the Triton interpreter"
+        with pytest.raises(TypeError, match=msg):
             K.outer_sq_norms_direct(left.bfloat16(), right.bfloat16(), cu)
     else:
         with pytest.raises(ValueError, match="on one device"):
@@ -253,12 +279,14 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_configs():
-    for route, keys in (("direct", ("BLOCK_A", "BLOCK_B", "BLOCK_T")), ("ghost", ("BLOCK_T", "BLOCK_K"))):
+    meta = {"direct": ("BLOCK_A", "BLOCK_B", "BLOCK_T"), "ghost": ("BLOCK_T", "BLOCK_K")}
+    for route, keys in meta.items():
         configs = K.autotune_configs(route)
         assert configs and all(isinstance(c, triton.Config) for c in configs)
         for c in configs:
             assert all(c.kwargs[k] >= 16 and c.kwargs[k] & (c.kwargs[k] - 1) == 0 for k in keys)
-    assert K.fixed_config("direct", 1, 100, 7).kwargs == {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_T": 32}
+    fixed = K.fixed_config("direct", 1, 100, 7).kwargs
+    assert fixed == {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_T": 32}
     assert K.fixed_config("ghost", 4, 33, 5).kwargs == {"BLOCK_T": 16, "BLOCK_K": 64}
     # pruning keeps tiles no wider than the data (LoRA A with r = 16)
     kept = K._prune_direct(K.autotune_configs("direct"), {"a": 16, "b": 4096})
@@ -279,3 +307,38 @@ def test_interpreter_variable_unset_after_import(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET is no longer set"):
         K.outer_sq_norms_direct(rows(3, 2, 0), rows(3, 2, 1), cu_from([3]))
+
+
+def test_public_api_with_each_backend_forced():
+    """per_example_grad_norms through GRADFILTER_BACKEND=triton equals the reference
+    (a subprocess, so the interpreter is set before the kernels are defined)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, torch
+from peft import LoraConfig, get_peft_model
+from gradfilter import per_example_grad_norms, ops
+from gradfilter.models import tiny_llama
+model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_()
+ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0))
+mask = torch.ones_like(ids); mask[1, 6:] = 0; mask[2, :4] = 0
+labels = torch.where(mask.bool(), ids, -100)
+out = {}
+for b in ("reference", "triton"):
+    os.environ["GRADFILTER_BACKEND"] = b
+    assert ops.backend() == b
+    out[b] = per_example_grad_norms(model, ids, labels, mask)
+rel = ((out["triton"] - out["reference"]).abs() / out["reference"]).max().item()
+assert rel < 1e-5, (rel, out)
+print("max rel", rel)
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "max rel" in r.stdout

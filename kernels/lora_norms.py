@@ -1,0 +1,733 @@
+"""Fused per-example squared norms of outer-product gradients over packed rows.
+
+Maths.  Rows are packed: ``left [N, a]``, ``right [N, b]`` and ``cu_seqlens
+[B + 1]`` (int32 or int64, non-decreasing); example ``i`` owns the rows
+``cu_seqlens[i] : cu_seqlens[i + 1]`` (possibly none).  Its gradient is::
+
+    G_i = sum_{t in i} left[t] (x) right[t] = L_i^T R_i        [a, b]
+
+and both kernels return ``||G_i||_F^2`` in float32, shape ``[B]``, without
+holding ``G_i`` of the whole batch in memory:
+
+* direct route, ``_outer_sq_norm_direct_kernel``: ``G_i`` is cut into
+  ``BLOCK_A x BLOCK_B`` tiles; one program accumulates its tile
+  ``L_i[:, a_blk]^T R_i[:, b_blk]`` on chip over the example's rows in steps of
+  ``BLOCK_T`` and writes the tile's square-sum.  About ``2 n a b`` FLOPs.
+* Gram route, ``_outer_sq_norm_gram_kernel``: ``||L^T R||^2 = <L L^T, R R^T>
+  = sum_{t,s} (L_t . L_s)(R_t . R_s)``.  The ``n x n`` pair space is cut into
+  ``BLOCK_T x BLOCK_T`` blocks ``(p, q)``; one program forms both Gram tiles
+  (reducing over ``a`` and ``b`` in steps of ``BLOCK_K``) and writes the sum of
+  their elementwise product.  Both Gram matrices are symmetric, so only blocks
+  ``p <= q`` are computed, off-diagonal ones counted twice.  About
+  ``n^2 (a + b)`` FLOPs.
+
+Grid.  One flat axis (no 65535 limit on the example count):
+
+* direct: ``(example, T-chunk, a-tile, b-tile)``, b-tile fastest so that the
+  programs sharing one example's rows run together.  A tile's square-sum is not
+  additive over row chunks (``||G' + G''||^2 != ||G'||^2 + ||G''||^2``), so when
+  an example is split along T (only done when ``B x tiles`` alone would leave
+  the GPU idle) each program writes its float32 *tile* into a buffer
+  ``[B, n_chunks, a, b]`` that the host sums over chunks before squaring; the
+  automatic split bounds that buffer by about ``programs x tile`` elements;
+* Gram: ``(example, block pair p <= q)``; the pairs are the split along T.
+
+Partial results go to a buffer (``[B, slots]`` or the tile buffer above) that
+is reduced with torch on the host side: no atomics, so the result is
+deterministic and the kernels run under the Triton interpreter.  Programs whose
+rows lie beyond their example's length do no work and write zero.
+
+Accumulation is float32 throughout; fp32 inputs use IEEE-exact ``tl.dot``
+unless ``allow_tf32=True``.  Inputs: float32, float16 and (on GPU) bfloat16.
+
+Interpreter (CPU): set ``TRITON_INTERPRET=1`` before this module (or triton)
+is imported.  Autotuning is then off and :func:`fixed_config` is used;
+bfloat16 is refused there because the interpreter mis-handles it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from gradfilter import reference as ref
+
+__all__ = [
+    "autotune_configs",
+    "choose_packed_route",
+    "fixed_config",
+    "interpreted",
+    "outer_sq_norms",
+    "outer_sq_norms_direct",
+    "outer_sq_norms_gram",
+]
+
+# Smallest block edge that tl.dot accepts on every target.
+MIN_DOT = 16
+# Rows per program below which an example is never split along T (direct).
+MIN_SPLIT_ROWS = 256
+# Programs per streaming multiprocessor the launch heuristics aim for.
+PROGRAMS_PER_SM = 4
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _outer_sq_norm_direct_kernel(
+    left_ptr,
+    right_ptr,
+    cu_ptr,
+    part_ptr,
+    a,
+    b,
+    n_chunks,
+    rows_per_program,
+    len_bucket,
+    stride_lm,
+    stride_la,
+    stride_rm,
+    stride_rb,
+    stride_pe,
+    stride_pc,
+    stride_pa,
+    stride_pb,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SPLIT_T: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One ``BLOCK_A x BLOCK_B`` tile of ``G_i = L_i^T R_i`` over one chunk of rows.
+
+    Program ``pid = ((example * n_chunks + chunk) * tiles_a + tile_a) * tiles_b
+    + tile_b``.  The chunk covers rows ``cu[i] + chunk * rows_per_program`` up to
+    at most ``rows_per_program`` rows, clipped to the example.
+    ``SPLIT_T=False`` (one chunk): writes ``sum(tile**2)`` to
+    ``part[example, tile]`` (``stride_pe``; the slot stride is 1).
+    ``SPLIT_T=True``: writes the tile itself to ``part[example, chunk, a_blk,
+    b_blk]``.  ``len_bucket`` only keys the autotuner.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tiles_a = tl.cdiv(a, BLOCK_A)
+    tiles_b = tl.cdiv(b, BLOCK_B)
+    n_tiles = tiles_a * tiles_b
+    tile = pid % n_tiles
+    rest = pid // n_tiles
+    chunk = rest % n_chunks
+    example = rest // n_chunks
+    tile_a = tile // tiles_b
+    tile_b = tile % tiles_b
+
+    start = tl.load(cu_ptr + example).to(tl.int64)
+    end = tl.load(cu_ptr + example + 1).to(tl.int64)
+    row0 = start + chunk * rows_per_program
+    row1 = tl.minimum(end, row0 + rows_per_program)
+    n_rows = tl.maximum(row1 - row0, 0).to(tl.int32)
+
+    offs_a = tile_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = tile_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_a = offs_a < a
+    mask_b = offs_b < b
+
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for t in range(0, n_rows, BLOCK_T):
+        rows = row0 + t + offs_t
+        mask_t = (t + offs_t) < n_rows
+        l_tile = tl.load(
+            left_ptr + rows[:, None] * stride_lm + offs_a[None, :] * stride_la,
+            mask=mask_t[:, None] & mask_a[None, :],
+            other=0.0,
+        )
+        r_tile = tl.load(
+            right_ptr + rows[:, None] * stride_rm + offs_b[None, :] * stride_rb,
+            mask=mask_t[:, None] & mask_b[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(l_tile), r_tile, acc, input_precision=INPUT_PRECISION)
+
+    if SPLIT_T:
+        tl.store(
+            part_ptr
+            + example * stride_pe
+            + chunk * stride_pc
+            + offs_a[:, None] * stride_pa
+            + offs_b[None, :] * stride_pb,
+            acc,
+            mask=mask_a[:, None] & mask_b[None, :],
+        )
+    else:
+        tl.store(part_ptr + example * stride_pe + tile, tl.sum(acc * acc))
+
+
+@triton.jit
+def _outer_sq_norm_gram_kernel(
+    left_ptr,
+    right_ptr,
+    cu_ptr,
+    part_ptr,
+    a,
+    b,
+    max_len,
+    len_bucket,
+    stride_lm,
+    stride_la,
+    stride_rm,
+    stride_rb,
+    stride_pe,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``w * sum(Gl * Gr)`` for one block pair ``(p, q)``, ``p <= q``, of one example.
+
+    ``Gl = L[p_blk] L[q_blk]^T`` and ``Gr = R[p_blk] R[q_blk]^T`` are
+    ``BLOCK_T x BLOCK_T`` fp32 tiles; ``w = 2`` off the diagonal, 1 on it.
+    Program ``pid = example * n_pairs + pair`` with ``pair = q (q + 1) / 2 + p``
+    and ``n_pairs`` from ``cdiv(max_len, BLOCK_T)`` blocks; writes
+    ``part[example, pair]`` (``stride_pe``; the slot stride is 1).
+    ``len_bucket`` only keys the autotuner.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(max_len, BLOCK_T).to(tl.int64)
+    n_pairs = n_blocks * (n_blocks + 1) // 2
+    pair = pid % n_pairs
+    example = pid // n_pairs
+    # Invert pair = q (q + 1) / 2 + p; the float guess is off by at most one.
+    q = ((tl.sqrt((8 * pair + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
+    q = tl.where(q * (q + 1) // 2 > pair, q - 1, q)
+    q = tl.where((q + 1) * (q + 2) // 2 <= pair, q + 1, q)
+    p = pair - q * (q + 1) // 2
+
+    start = tl.load(cu_ptr + example).to(tl.int64)
+    end = tl.load(cu_ptr + example + 1).to(tl.int64)
+    n = end - start
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_p = start + p * BLOCK_T + offs_t
+    rows_q = start + q * BLOCK_T + offs_t
+    mask_p = (p * BLOCK_T + offs_t) < n
+    mask_q = (q * BLOCK_T + offs_t) < n
+    # Blocks past the end of the example (q >= p) skip the reductions.
+    live = q * BLOCK_T < n
+    a_end = tl.where(live, a, 0)
+    b_end = tl.where(live, b, 0)
+
+    gram_l = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k in range(0, a_end, BLOCK_K):
+        cols = k + offs_k
+        mask_k = cols < a
+        lp = tl.load(
+            left_ptr + rows_p[:, None] * stride_lm + cols[None, :] * stride_la,
+            mask=mask_p[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        lq = tl.load(
+            left_ptr + rows_q[:, None] * stride_lm + cols[None, :] * stride_la,
+            mask=mask_q[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        gram_l = tl.dot(lp, tl.trans(lq), gram_l, input_precision=INPUT_PRECISION)
+
+    gram_r = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k in range(0, b_end, BLOCK_K):
+        cols = k + offs_k
+        mask_k = cols < b
+        rp = tl.load(
+            right_ptr + rows_p[:, None] * stride_rm + cols[None, :] * stride_rb,
+            mask=mask_p[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        rq = tl.load(
+            right_ptr + rows_q[:, None] * stride_rm + cols[None, :] * stride_rb,
+            mask=mask_q[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        gram_r = tl.dot(rp, tl.trans(rq), gram_r, input_precision=INPUT_PRECISION)
+
+    weight = tl.where(p < q, 2.0, 1.0)
+    tl.store(part_ptr + example * stride_pe + pair, weight * tl.sum(gram_l * gram_r))
+
+
+# ----------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------
+
+
+def interpreted() -> bool:
+    """Whether the kernels of this module run in the Triton interpreter.
+
+    Triton decides when the kernels are decorated, i.e. from ``TRITON_INTERPRET``
+    at the time this module was first imported.
+    """
+    return type(_outer_sq_norm_direct_kernel).__name__ == "InterpretedFunction"
+
+
+def _interpret_env() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set now (the interpreter reads it at run time too)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, int(x)))))
+
+
+def _canonical_route(route: str) -> str:
+    if route in ("direct",):
+        return "direct"
+    if route in ("ghost", "gram"):
+        return "ghost"
+    raise ValueError(f"unknown route {route!r}; expected 'direct' or 'ghost' (alias 'gram')")
+
+
+def autotune_configs(route: str = "direct") -> list[triton.Config]:
+    """Candidate configurations for Hopper (H100 / H200) of one route.
+
+    direct (``BLOCK_A, BLOCK_B, BLOCK_T``): narrow-by-wide tiles for LoRA A
+    (``a = r``) and wide-by-narrow ones for LoRA B (``b = r``), square ones for
+    dense layers; 4 warps for tiles up to 64 x 128, 8 above; 3-4 stages
+    (the T loop is a K loop for ``tl.dot``).  Configs whose tile exceeds the
+    next power of two of ``a`` or ``b`` are pruned at launch.
+
+    ghost (``BLOCK_T, BLOCK_K``): two fp32 ``BLOCK_T x BLOCK_T`` accumulators
+    per program, so 8 warps for ``BLOCK_T >= 64``; long ``BLOCK_K`` steps for
+    the reduction over the wide feature dimension.
+    """
+    route = _canonical_route(route)
+    if route == "direct":
+        shapes = [
+            # BLOCK_A, BLOCK_B, BLOCK_T, warps, stages
+            (16, 64, 64, 4, 4),
+            (16, 128, 64, 4, 4),
+            (64, 16, 64, 4, 4),
+            (128, 16, 64, 4, 4),
+            (32, 128, 64, 4, 3),
+            (128, 32, 64, 4, 3),
+            (64, 64, 64, 4, 3),
+            (64, 64, 128, 4, 4),
+            (64, 128, 64, 4, 3),
+            (128, 64, 64, 4, 3),
+            (128, 128, 32, 8, 3),
+            (128, 128, 64, 8, 3),
+        ]
+        return [
+            triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+            for ba, bb, bt, w, s in shapes
+        ]
+    shapes = [
+        # BLOCK_T, BLOCK_K, warps, stages
+        (16, 64, 4, 3),
+        (16, 128, 4, 3),
+        (32, 64, 4, 3),
+        (32, 128, 4, 3),
+        (64, 64, 8, 3),
+        (64, 128, 8, 3),
+        (128, 32, 8, 3),
+        (128, 64, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bt, bk, w, s in shapes
+    ]
+
+
+def fixed_config(route: str, a: int, b: int, max_len: int) -> triton.Config:
+    """The configuration used without autotuning (interpreter, ``autotune=False``).
+
+    direct: ``BLOCK_A = clamp(next_pow2(a), 16, 64)``, ``BLOCK_B =
+    clamp(next_pow2(b), 16, 64)``, ``BLOCK_T = 32``; ghost: ``BLOCK_T =
+    clamp(next_pow2(max_len), 16, 64)``, ``BLOCK_K = clamp(next_pow2(max(a, b)),
+    16, 64)``.  4 warps, 3 stages.  Every edge is at least 16 (``tl.dot``) and
+    no larger than the data needs, so small ``a``, ``b`` or ``n`` waste little.
+    """
+    route = _canonical_route(route)
+    if route == "direct":
+        meta = {
+            "BLOCK_A": _pow2_clamp(a, MIN_DOT, 64),
+            "BLOCK_B": _pow2_clamp(b, MIN_DOT, 64),
+            "BLOCK_T": 32,
+        }
+    else:
+        meta = {
+            "BLOCK_T": _pow2_clamp(max_len, MIN_DOT, 64),
+            "BLOCK_K": _pow2_clamp(max(a, b), MIN_DOT, 64),
+        }
+    return triton.Config(meta, num_warps=4, num_stages=3)
+
+
+def _prune_direct(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles wider than the next power of two of ``a`` / ``b`` (keep one at least)."""
+    cap_a = _pow2_clamp(named_args["a"], MIN_DOT, 1 << 30)
+    cap_b = _pow2_clamp(named_args["b"], MIN_DOT, 1 << 30)
+    kept = [c for c in configs if c.kwargs["BLOCK_A"] <= cap_a and c.kwargs["BLOCK_B"] <= cap_b]
+    if kept:
+        return kept
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_A"] * c.kwargs["BLOCK_B"])
+    return [smallest]
+
+
+def _prune_gram(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop row blocks longer than the next power of two of the longest example."""
+    cap_t = _pow2_clamp(named_args["max_len"], MIN_DOT, 1 << 30)
+    cap_k = _pow2_clamp(max(named_args["a"], named_args["b"]), MIN_DOT, 1 << 30)
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= cap_t and c.kwargs["BLOCK_K"] <= cap_k]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"]))]
+
+
+_TUNED: dict[str, Callable] = {}
+
+
+def _tuned_kernel(route: str):
+    """The autotuned wrapper of a route's kernel, built on first use (GPU only)."""
+    if route not in _TUNED:
+        if route == "direct":
+            _TUNED[route] = triton.autotune(
+                configs=autotune_configs("direct"),
+                key=["a", "b", "len_bucket", "SPLIT_T"],
+                prune_configs_by={"early_config_prune": _prune_direct},
+                reset_to_zero=["part_ptr"],
+            )(_outer_sq_norm_direct_kernel)
+        else:
+            _TUNED[route] = triton.autotune(
+                configs=autotune_configs("ghost"),
+                key=["a", "b", "len_bucket"],
+                prune_configs_by={"early_config_prune": _prune_gram},
+                reset_to_zero=["part_ptr"],
+            )(_outer_sq_norm_gram_kernel)
+    return _TUNED[route]
+
+
+# ----------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------
+
+
+def _check_inputs(
+    left: torch.Tensor, right: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate types, shapes and devices; return contiguous copies (views if already)."""
+    for name, t in (("left", left), ("right", right), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if left.dim() != 2 or right.dim() != 2:
+        raise ValueError(
+            "left and right must be packed rows [N, a] and [N, b], got shapes "
+            f"{tuple(left.shape)} and {tuple(right.shape)}"
+        )
+    if left.shape[0] != right.shape[0]:
+        raise ValueError(
+            f"left and right must have the same number of rows, got {left.shape[0]} and "
+            f"{right.shape[0]}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D tensor [B + 1], got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if left.dtype not in _DTYPES or right.dtype not in _DTYPES:
+        raise TypeError(
+            f"left and right must be float32, float16 or bfloat16, got {left.dtype} and "
+            f"{right.dtype} (use gradfilter.reference for other dtypes)"
+        )
+    if left.dtype != right.dtype:
+        raise TypeError(
+            f"left and right must have the same dtype, got {left.dtype} and {right.dtype}"
+        )
+    if left.device != right.device or left.device != cu_seqlens.device:
+        raise ValueError(
+            "left, right and cu_seqlens must be on one device, got "
+            f"{left.device}, {right.device} and {cu_seqlens.device}"
+        )
+    if interpreted():
+        if not _interpret_env():
+            raise RuntimeError(
+                "the kernels were loaded for the Triton interpreter but TRITON_INTERPRET is no "
+                "longer set; the interpreter needs it while kernels run, so set it back to 1"
+            )
+        if left.device.type != "cpu":
+            raise RuntimeError(
+                f"the Triton interpreter (TRITON_INTERPRET=1) needs CPU tensors, got {left.device}"
+            )
+        if left.dtype == torch.bfloat16:
+            raise TypeError(
+                "bfloat16 is not supported under the Triton interpreter (its results are wrong "
+                "there); use float16 or float32, or run on a GPU"
+            )
+    elif left.device.type != "cuda":
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors (got {left.device}); set TRITON_INTERPRET=1 before "
+            "importing them to run on the CPU"
+        )
+    return left.contiguous(), right.contiguous(), cu_seqlens.contiguous()
+
+
+def _host_lengths(cu_seqlens: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Example lengths ``[B]`` (int64, CPU) after checking ``cu_seqlens`` (one device sync)."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) < 0:
+        raise ValueError(f"cu_seqlens must start at 0 or more, got {int(cu[0])}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        bad = int(torch.nonzero(lengths < 0)[0, 0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing; cu_seqlens[{bad + 1}] = {int(cu[bad + 1])} < "
+            f"cu_seqlens[{bad}] = {int(cu[bad])}"
+        )
+    if int(cu[-1]) > n_rows:
+        raise ValueError(
+            f"cu_seqlens ends at {int(cu[-1])} but left and right have only {n_rows} rows"
+        )
+    return lengths
+
+
+def _max_len(cu_seqlens: torch.Tensor, n_rows: int, max_seqlen: int | None) -> int:
+    if max_seqlen is not None:
+        if int(max_seqlen) < 0:
+            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+        return int(max_seqlen)
+    lengths = _host_lengths(cu_seqlens, n_rows)
+    return int(lengths.max()) if lengths.numel() else 0
+
+
+def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _use_autotune(autotune: bool | None) -> bool:
+    if interpreted():
+        return False  # multi-config autotune does not work in the interpreter
+    return True if autotune is None else bool(autotune)
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: a few per SM on GPU; 1 (no split) otherwise."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * sms
+
+
+def _auto_rows_per_program(
+    n_examples: int, a: int, b: int, max_len: int, device: torch.device
+) -> int:
+    """Rows per direct program: the whole example unless ``B x tiles`` underfills the GPU.
+
+    Splits into chunks of a power of two (>= ``MIN_SPLIT_ROWS``) rows, at most as
+    many as needed to reach the target program count, and keeps the partial tile
+    buffer ``B x n_chunks x a x b`` under ``gradfilter.reference.TEMP_BUDGET``.
+    """
+    tile_a, tile_b = _pow2_clamp(a, MIN_DOT, 64), _pow2_clamp(b, MIN_DOT, 64)
+    tiles = triton.cdiv(a, tile_a) * triton.cdiv(b, tile_b)
+    base = n_examples * tiles
+    target = _target_programs(device)
+    if base >= target or max_len <= MIN_SPLIT_ROWS:
+        return max_len
+    chunks = min(triton.cdiv(target, base), triton.cdiv(max_len, MIN_SPLIT_ROWS))
+    chunks = min(chunks, max(1, ref.TEMP_BUDGET // max(1, n_examples * a * b)))
+    if chunks <= 1:
+        return max_len
+    return max(MIN_SPLIT_ROWS, triton.next_power_of_2(triton.cdiv(max_len, chunks)))
+
+
+def _launch_options(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def outer_sq_norms_direct(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_seqlen: int | None = None,
+    rows_per_program: int | None = None,
+    config: triton.Config | None = None,
+    autotune: bool | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """``||sum_{t in i} left[t] (x) right[t]||_F^2`` per example, direct route.
+
+    left ``[N, a]``, right ``[N, b]`` (same float dtype and device), cu_seqlens
+    ``[B + 1]`` int32/int64 -> float32 ``[B]``.  ``max_seqlen``: an upper bound
+    on the example lengths (saves the one host sync that reads ``cu_seqlens``;
+    must not be smaller than the longest example).  ``rows_per_program``: split
+    each example into chunks of that many rows (default: only when the GPU
+    would be underfilled).  ``config``: a fixed launch configuration
+    (``BLOCK_A``, ``BLOCK_B``, ``BLOCK_T``) instead of autotuning / the
+    :func:`fixed_config`.  ``autotune``: default on with CUDA, always off in the
+    interpreter.  ``allow_tf32``: fp32 inputs through TF32 tensor cores.
+    """
+    left, right, cu = _check_inputs(left, right, cu_seqlens)
+    n_rows, a = left.shape
+    b = right.shape[1]
+    n_ex = cu.numel() - 1
+    out = torch.zeros(n_ex, dtype=torch.float32, device=left.device)
+    if n_ex == 0 or a == 0 or b == 0:
+        return out
+    max_len = _max_len(cu, n_rows, max_seqlen)
+    if max_len == 0:
+        return out
+
+    if rows_per_program is None:
+        rpp = _auto_rows_per_program(n_ex, a, b, max_len, left.device)
+    else:
+        if int(rows_per_program) < 1:
+            raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
+        rpp = min(int(rows_per_program), max_len)
+    n_chunks = triton.cdiv(max_len, rpp)
+    split = n_chunks > 1
+    tuned = config is None and _use_autotune(autotune)
+    cfg = config if config is not None else fixed_config("direct", a, b, max_len)
+    for key in ("BLOCK_A", "BLOCK_B", "BLOCK_T"):
+        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
+            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+
+    if split:
+        # Every (example, chunk, a, b) element is written by exactly one program.
+        part = torch.empty(n_ex, n_chunks, a, b, dtype=torch.float32, device=left.device)
+        strides = tuple(part.stride())
+    else:
+        # One slot per tile of the finest tiling any candidate config may use.
+        cands = autotune_configs("direct") if tuned else [cfg]
+        min_a = min(c.kwargs["BLOCK_A"] for c in cands)
+        min_b = min(c.kwargs["BLOCK_B"] for c in cands)
+        slots = triton.cdiv(a, min_a) * triton.cdiv(b, min_b)
+        part = torch.zeros(n_ex, slots, dtype=torch.float32, device=left.device)
+        strides = (part.stride(0), 0, 0, 0)
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"])
+        return (n_ex * n_chunks * tiles,)
+
+    args = (
+        left, right, cu, part,
+        a, b, n_chunks, rpp, triton.next_power_of_2(max_len),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        *strides,
+    )
+    precision = _input_precision(left.dtype, allow_tf32)
+    if tuned:
+        _tuned_kernel("direct")[grid](*args, SPLIT_T=split, INPUT_PRECISION=precision)
+    else:
+        _outer_sq_norm_direct_kernel[grid](
+            *args, SPLIT_T=split, INPUT_PRECISION=precision, **_launch_options(cfg)
+        )
+
+    if split:
+        return part.sum(dim=1).square().sum(dim=(1, 2))
+    return part.sum(dim=1)
+
+
+def outer_sq_norms_gram(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_seqlen: int | None = None,
+    config: triton.Config | None = None,
+    autotune: bool | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """``<L_i L_i^T, R_i R_i^T>`` per example, Gram ("ghost") route.
+
+    Same inputs and output as :func:`outer_sq_norms_direct`.  Each example is
+    split along T into ``BLOCK_T`` row blocks; every block pair ``p <= q`` is
+    one program.  ``config`` fixes ``BLOCK_T`` and ``BLOCK_K``.
+    """
+    left, right, cu = _check_inputs(left, right, cu_seqlens)
+    n_rows, a = left.shape
+    b = right.shape[1]
+    n_ex = cu.numel() - 1
+    out = torch.zeros(n_ex, dtype=torch.float32, device=left.device)
+    if n_ex == 0 or a == 0 or b == 0:
+        return out
+    max_len = _max_len(cu, n_rows, max_seqlen)
+    if max_len == 0:
+        return out
+
+    tuned = config is None and _use_autotune(autotune)
+    cfg = config if config is not None else fixed_config("ghost", a, b, max_len)
+    for key in ("BLOCK_T", "BLOCK_K"):
+        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
+            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+
+    def n_pairs(block_t: int) -> int:
+        blocks = triton.cdiv(max_len, block_t)
+        return blocks * (blocks + 1) // 2
+
+    cands = autotune_configs("ghost") if tuned else [cfg]
+    slots = n_pairs(min(c.kwargs["BLOCK_T"] for c in cands))
+    part = torch.zeros(n_ex, slots, dtype=torch.float32, device=left.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (n_ex * n_pairs(meta["BLOCK_T"]),)
+
+    args = (
+        left, right, cu, part,
+        a, b, max_len, triton.next_power_of_2(max_len),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        part.stride(0),
+    )
+    precision = _input_precision(left.dtype, allow_tf32)
+    if tuned:
+        _tuned_kernel("ghost")[grid](*args, INPUT_PRECISION=precision)
+    else:
+        _outer_sq_norm_gram_kernel[grid](*args, INPUT_PRECISION=precision, **_launch_options(cfg))
+    return part.sum(dim=1)
+
+
+def choose_packed_route(lengths: torch.Tensor, a: int, b: int) -> str:
+    """``"direct"`` or ``"ghost"`` for a packed batch with example ``lengths`` ``[B]``.
+
+    Sums :func:`gradfilter.reference.direct_cost` and ``ghost_cost`` over the
+    examples (the same FLOP model as ``choose_route``; with equal lengths the two
+    agree), so a ragged batch is judged by its actual per-example work.
+    """
+    uniq, counts = torch.unique(lengths.to("cpu", torch.int64), return_counts=True)
+    direct = ghost = 0
+    for n, c in zip(uniq.tolist(), counts.tolist()):
+        direct += c * ref.direct_cost(n, a, b)
+        ghost += c * ref.ghost_cost(n, a, b)
+    return "ghost" if ghost < direct else "direct"
+
+
+def outer_sq_norms(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    route: str | None = None,
+    *,
+    max_seqlen: int | None = None,
+    autotune: bool | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Per-example squared norms over packed rows by either route; float32 ``[B]``.
+
+    ``route`` is ``"direct"``, ``"ghost"`` (alias ``"gram"``) or None: chosen by
+    :func:`choose_packed_route` from the example lengths (one host sync).
+    """
+    if route is None:
+        left_c, right_c, cu = _check_inputs(left, right, cu_seqlens)
+        lengths = _host_lengths(cu, left_c.shape[0])
+        route = choose_packed_route(lengths, left_c.shape[1], right_c.shape[1])
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    route = _canonical_route(route)
+    launch = outer_sq_norms_direct if route == "direct" else outer_sq_norms_gram
+    return launch(
+        left, right, cu_seqlens, max_seqlen=max_seqlen, autotune=autotune, allow_tf32=allow_tf32
+    )
