@@ -234,7 +234,7 @@ def score(
     model_and_tokenizer: tuple[Any, Any] | None = None,
     stop_after: int | None = None,
 ) -> ScoreResult:
-    """Score every row of ``data`` by G-SNR.
+    """Score every row of ``data`` by ``config.method`` (G-SNR by default).
 
     Args:
         data: a path (Alpaca JSON/JSONL, chat ``messages`` JSONL, Parquet, a saved
@@ -275,15 +275,16 @@ def score(
         statuses[key] = statuses.get(key, 0) + 1
 
     from .ensemble import member_schedule
-
     from .methods import ENSEMBLE_METHODS
 
     ensemble = config.method in ENSEMBLE_METHODS
     n_epochs = (config.early if config.method == "grand" else config.epochs) if ensemble else 0
     n_snaps = (1 if config.method == "grand" else 2) if ensemble else 0
     steps_per_epoch = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
+    # Snapshot passes fold all members into one batch; forward-only methods do not.
+    per_pass = config.members if ensemble else 1
     snaps = snapshot_batches(lengths, config.batch_size,
-                             config.token_budget // config.members if config.token_budget else None)
+                             config.token_budget // per_pass if config.token_budget else None)
     plan = {
         "rows": len(rows),
         "scorable_rows": len(ok),
