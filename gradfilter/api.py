@@ -125,6 +125,11 @@ def _check_inputs(
                 f"labels row {row} holds {int(labels[row][bad[row]][0])}: labels must be "
                 f"token ids in [0, {vocab}) or -100"
             )
+    # A label counts only where it and the token that predicts it are real tokens,
+    # so a padded example gives exactly what it gives alone.
+    labels = labels.masked_fill(attention_mask == 0, -100)
+    if labels.shape[1] > 1:
+        labels[:, 1:] = labels[:, 1:].masked_fill(attention_mask[:, :-1] == 0, -100)
     device = _device_of(model)
     return input_ids.to(device), labels.to(device), attention_mask.to(device)
 

@@ -171,6 +171,8 @@ def _check_inputs(
             )
         attention_mask = attention_mask.to(input_ids.device)
         labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        # A label predicted from a padding position does not exist for the example alone.
+        labels[:, 1:] = labels[:, 1:].masked_fill(attention_mask[:, :-1] == 0, IGNORE_INDEX)
     return labels, attention_mask
 
 

@@ -232,10 +232,10 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=8, help="rows per member per step")
-    p.add_argument("--token-budget", type=int, default=4096,
+    p.add_argument("--token-budget", type=int, default=2048,
                    help="at most this many padded tokens in one folded forward/backward (all "
                         "members): snapshot batches are cut, training steps accumulate "
-                        "(0 = no limit; SmolLM2 needs about 2.3 MB per token)")
+                        "(0 = no limit; SmolLM2 in float32 peaks near 9 GB at 2048)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default=None,
@@ -309,7 +309,7 @@ def _add_quality_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--token-budget", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_quality)

@@ -17,15 +17,22 @@ import torch.nn.functional as F
 from . import reference as ref
 from .layers import Factor
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
 
 
-def backend() -> str:
+def backend(device: torch.device | str | None = None) -> str:
     """The backend in use: ``GRADFILTER_BACKEND`` if set, else the best available
-    (Triton on a CUDA device, the plain-PyTorch reference otherwise)."""
+    for ``device``: Triton on a CUDA device, the C++ extension on the CPU (built
+    just in time on first use; when it cannot be built gradfilter says so once),
+    the plain-PyTorch reference otherwise."""
     wanted = os.environ.get("GRADFILTER_BACKEND", "auto").strip().lower()
     if wanted in ("", "auto"):
-        return "triton" if torch.cuda.is_available() and triton_available() else "reference"
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        if on_cuda:
+            return "triton" if triton_available() else "reference"
+        from ._ext import cpp_available
+
+        return "cpp" if cpp_available() else "reference"
     if wanted not in BACKENDS:
         raise ValueError(
             f"GRADFILTER_BACKEND={wanted!r} is unknown; choose one of "
@@ -36,24 +43,36 @@ def backend() -> str:
             "GRADFILTER_BACKEND=triton needs the triton package and a CUDA device "
             "(or TRITON_INTERPRET=1 for the CPU interpreter)"
         )
+    if wanted == "cpp":
+        from ._ext import cpp_available
+
+        if not cpp_available():
+            raise ValueError("GRADFILTER_BACKEND=cpp: the C++ extension could not be built here")
     return wanted
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _outer_triton(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _outer_packed(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype,
+                  which: str) -> torch.Tensor:
     """Pack each example's rows (of every factor) without padding and reduce with
-    the Triton kernels; same result as the reference routes."""
-    from gradfilter.kernels.lora_norms import outer_sq_norms
-
+    the Triton or C++ kernels; same result as the reference routes."""
     masks = torch.cat([_mask(f, valid) for f in factors], dim=1)  # [B, K*T]
     left = torch.cat([f.left for f in factors], dim=1)[masks]
     right = torch.cat([f.right for f in factors], dim=1)[masks]
     lengths = masks.sum(1)
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=left.device)
     cu[1:] = lengths.cumsum(0)
-    return outer_sq_norms(left, right, cu).to(dtype)
+    if which == "triton":
+        from gradfilter.kernels.lora_norms import outer_sq_norms
+
+        return outer_sq_norms(left, right, cu).to(dtype)
+    from ._ext import outer_sq_norms_cpp
+
+    a, b = left.shape[-1], right.shape[-1]
+    route = ref.choose_route(int(lengths.float().mean().item()) if lengths.numel() else 0, a, b)
+    return outer_sq_norms_cpp(left.contiguous(), right.contiguous(), cu, route).to(dtype)
 
 
 def _rows(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,7 +111,7 @@ def factor_sq_norms(
     None decides by cost (padding FLOPs against per-example launches).
     Returns ``[B]`` in the factors' compute dtype.
     """
-    use_triton = backend() == "triton"
+    which = backend(valid.device)
     kinds = {f.kind for f in factors}
     lo, hi = window
     v = valid[:, lo:hi]
@@ -110,9 +129,10 @@ def factor_sq_norms(
     if "sum" in kinds:
         raise ValueError(f"one parameter got incompatible gradient forms {sorted(kinds)}")
     factors = [_as_outer(f) for f in factors]
-    if use_triton and all(f.left.dtype in _TRITON_DTYPES and f.right.dtype in _TRITON_DTYPES
-                          for f in factors):
-        return _outer_triton(factors, valid, dtype)
+    packed_ok = {"triton": _TRITON_DTYPES, "cpp": _TRITON_DTYPES + (torch.float64,)}.get(which, ())
+    if all(f.left.dtype in packed_ok and f.right.dtype in packed_ok and f.left.dtype == f.right.dtype
+           for f in factors):
+        return _outer_packed(factors, valid, dtype, which)
     if loop_examples is None:
         a, b = factors[0].left.shape[-1], factors[0].right.shape[-1]
         k = len(factors)
