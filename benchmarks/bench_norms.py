@@ -26,7 +26,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from gradfilter import LoRAEnsemble, per_example_grad_norms
+from gradfilter import ops
 from gradfilter import reference as ref
+from gradfilter.layers import Factor
 from gradfilter.baselines import (
     functorch_per_example_grad_norms,
     loop_per_example_grad_norms,
@@ -60,6 +62,14 @@ def _layer_tensors(bsz: int, seq: int, r: int, d: int = 768):
 
 
 def _gradfilter_layer(x, z, h, g):
+    """Through the backend seam (C++ on CPU, Triton on CUDA, by GRADFILTER_BACKEND)."""
+    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    window = (0, x.shape[1])
+    return (ops.factor_sq_norms([Factor("outer", z, x)], valid, window)
+            + ops.factor_sq_norms([Factor("outer", g, h)], valid, window))
+
+
+def _reference_layer(x, z, h, g):
     return ref.outer_sq_norms_ref(z, x) + ref.outer_sq_norms_ref(g, h)
 
 
@@ -81,6 +91,7 @@ def _opacus_ghost_layer(x, z, h, g):
 
 LAYER_PROVIDERS = {
     "gradfilter": _gradfilter_layer,
+    "gradfilter-reference": _reference_layer,
     "opacus-ghost": _opacus_ghost_layer,
     "materialise": _materialise_layer,
 }
@@ -95,7 +106,8 @@ def test_layer_norm(benchmark, provider, bsz, seq, r):
     got = fn(x, z, h, g).double()
     assert torch.allclose(got, want, rtol=1e-3), (provider, got, want)
     benchmark.group = f"layer d=768 r={r} B={bsz} T={seq}"
-    benchmark.extra_info.update(level="layer", provider=provider, B=bsz, T=seq, r=r)
+    benchmark.extra_info.update(level="layer", provider=provider, B=bsz, T=seq, r=r,
+                                backend=ops.backend(DEVICE))
 
     def run():
         fn(x, z, h, g)
@@ -158,7 +170,8 @@ def test_model_norms(benchmark, gpt2_small, provider, bsz, seq):
     labels[:, : seq // 4] = -100
     fn = MODEL_PROVIDERS[provider]
     benchmark.group = f"GPT-2-small-shaped LoRA r=8 B={bsz} T={seq}"
-    benchmark.extra_info.update(level="model", provider=provider, B=bsz, T=seq)
+    benchmark.extra_info.update(level="model", provider=provider, B=bsz, T=seq,
+                                backend=ops.backend(DEVICE))
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

@@ -11,6 +11,7 @@ JSON itself.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -22,12 +23,15 @@ def render(paths: list[str]) -> str:
             data = json.load(f)
         mi = data.get("machine_info", {})
         cpu = mi.get("cpu", {}).get("brand_raw", mi.get("processor", "?"))
-        out.append(f"Results from `{path}`: {cpu}, {mi.get('system', '')} "
+        out.append(f"Results from `{os.path.basename(path)}`: {cpu}, {mi.get('system', '')} "
                    f"{mi.get('release', '')}, Python {mi.get('python_version', '?')}, "
                    f"commit {data.get('commit_info', {}).get('id', '?')[:10]}, {data.get('datetime', '')}")
         groups: dict[str, dict[str, float]] = defaultdict(dict)
         for b in data["benchmarks"]:
-            provider = b.get("extra_info", {}).get("provider", b["name"])
+            extra = b.get("extra_info", {})
+            provider = extra.get("provider", b["name"])
+            if provider == "gradfilter" and extra.get("backend", "reference") != "reference":
+                provider = f"gradfilter-{extra['backend']}"
             groups[b["group"]][provider] = b["stats"]["median"]
         out.append("")
         out.append("| case | provider | median (ms) | time / gradfilter's | note |")
