@@ -170,23 +170,6 @@ def _outer_sq_norm_direct_kernel(
 
 
 @triton.jit
-def _gram_tile(x_ptr, stride_xm, stride_xk, width, end, rows_p, rows_q, mask_p, mask_q, offs_k,
-               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``X[rows_p] X[rows_q]^T`` ([BLOCK_T, BLOCK_T], fp32), reducing over the
-    ``width`` columns in chunks of BLOCK_K (none when ``end`` is 0)."""
-    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-    for k in range(0, end, BLOCK_K):
-        cols = k + offs_k
-        mask_k = cols < width
-        xp = tl.load(x_ptr + rows_p[:, None] * stride_xm + cols[None, :] * stride_xk,
-                     mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        xq = tl.load(x_ptr + rows_q[:, None] * stride_xm + cols[None, :] * stride_xk,
-                     mask=mask_q[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(xp, tl.trans(xq), acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _outer_sq_norm_gram_kernel(
     left_ptr,
     right_ptr,
@@ -239,10 +222,37 @@ def _outer_sq_norm_gram_kernel(
     a_end = tl.where(live, a, 0)
     b_end = tl.where(live, b, 0)
 
-    gram_l = _gram_tile(left_ptr, stride_lm, stride_la, a, a_end, rows_p, rows_q, mask_p, mask_q,
-                        offs_k, BLOCK_T, BLOCK_K, INPUT_PRECISION)
-    gram_r = _gram_tile(right_ptr, stride_rm, stride_rb, b, b_end, rows_p, rows_q, mask_p, mask_q,
-                        offs_k, BLOCK_T, BLOCK_K, INPUT_PRECISION)
+    gram_l = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k in range(0, a_end, BLOCK_K):
+        cols = k + offs_k
+        mask_k = cols < a
+        lp = tl.load(
+            left_ptr + rows_p[:, None] * stride_lm + cols[None, :] * stride_la,
+            mask=mask_p[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        lq = tl.load(
+            left_ptr + rows_q[:, None] * stride_lm + cols[None, :] * stride_la,
+            mask=mask_q[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        gram_l = tl.dot(lp, tl.trans(lq), gram_l, input_precision=INPUT_PRECISION)
+
+    gram_r = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k in range(0, b_end, BLOCK_K):
+        cols = k + offs_k
+        mask_k = cols < b
+        rp = tl.load(
+            right_ptr + rows_p[:, None] * stride_rm + cols[None, :] * stride_rb,
+            mask=mask_p[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        rq = tl.load(
+            right_ptr + rows_q[:, None] * stride_rm + cols[None, :] * stride_rb,
+            mask=mask_q[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        gram_r = tl.dot(rp, tl.trans(rq), gram_r, input_precision=INPUT_PRECISION)
 
     weight = tl.where(p < q, 2.0, 1.0)
     tl.store(part_ptr + example * stride_pe + pair, weight * tl.sum(gram_l * gram_r))
