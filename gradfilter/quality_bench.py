@@ -169,15 +169,26 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
     model, tok = model_and_tokenizer
     keep: dict[str, np.ndarray] = {}
     timing: dict[str, dict[str, float]] = {}
-    for method in cfg.methods:
-        say(f"scoring the pool with {method}")
+    # G-SNR, its two parts and the early norm (GraNd-like) all come from one
+    # ensemble run: the early snapshot is the state a 1-epoch run would reach.
+    shared = [m for m in cfg.methods if m in ("gsnr", "drop", "late_var", "grand")]
+    runs = ([("gsnr", shared)] if shared else []) + [
+        (m, [m]) for m in cfg.methods if m not in shared]
+    for method, covers in runs:
+        say(f"scoring the pool with {method}" + (f" (also gives {', '.join(covers[1:])})"
+                                                   if len(covers) > 1 else ""))
         mcfg = dataclasses.replace(score_cfg, method=method)
         res = score(pool_path, os.path.join(outdir, method), mcfg, progress=progress,
                     model_and_tokenizer=(model, tok), log=say)
-        keep[method] = _keep_scores(res.records, method)
         t = res.run["timings"]
-        timing[method] = {"seconds": t["total_s"] - t.get("load_s", 0.0),
-                          "tokens_per_second": res.run["tokens_per_second"]}
+        for m in covers:
+            field = {"gsnr": "score", "drop": "drop", "late_var": "late_var",
+                     "grand": "early_mean"}.get(m, "score")
+            recs = [{**r, "score": r[field]} for r in res.records]
+            keep[m] = _keep_scores(recs, m)
+            timing[m] = {"seconds": t["total_s"] - t.get("load_s", 0.0),
+                         "tokens_per_second": res.run["tokens_per_second"],
+                         "shared_run": method if len(covers) > 1 else None}
     table = summary(keep, corrupted)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg), "score_config": dataclasses.asdict(score_cfg),
@@ -192,6 +203,7 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
         held_enc = _encode_all(heldout, tok, score_cfg.max_length)
         results["downstream"] = _downstream(cfg, score_cfg, model, tok, subsets, pool_enc,
                                             held_enc, say)
+        results["downstream"]["subsets"] = subsets
         results["downstream"]["corrupted_share"] = {
             n: float(corrupted[idx].mean()) for n, idx in subsets.items()}
     with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:

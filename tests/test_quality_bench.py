@@ -30,16 +30,24 @@ def test_quality_benchmark_smoke(tmp_path):
     foreign.write_text(json.dumps([{"instruction": "x", "input": "", "output": f"ein Satz {i}"}
                                    for i in range(10)]))
     qcfg = QualityConfig(data=str(data), foreign=str(foreign), pool=30, heldout=8, fraction=0.3, seed=1,
-                         methods=["gsnr", "loss", "ifd", "random"], train_steps=4, eval_every=2,
+                         methods=["gsnr", "drop", "grand", "loss", "ifd", "random"], train_steps=4, eval_every=2,
                          random_seeds=(0, 1), select_ratio=0.2)
     scfg = ScoreConfig(members=2, rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3)
     out = tmp_path / "bench"
     res = run(qcfg, scfg, str(out), model_and_tokenizer=proxy(), progress=False, log=lambda s: None)
     assert res["corrupted_rows"] == 9
-    assert {r["method"] for r in res["detection"]} == {"gsnr", "loss", "ifd", "random"}
+    assert {r["method"] for r in res["detection"]} == {"gsnr", "drop", "grand", "loss", "ifd", "random"}
+    # drop and grand come from the G-SNR run's own scores.
+    recs = [json.loads(line) for line in (out / "gsnr" / "scores.jsonl").read_text().splitlines()]
+    assert res["timing"]["drop"]["shared_run"] == "gsnr" and not (out / "drop").exists()
+    k = len(res["downstream"]["subsets"]["gsnr"])
+    by_early = sorted(range(len(recs)), key=lambda i: (-recs[i]["early_mean"], i))
+    by_drop = sorted(range(len(recs)), key=lambda i: (-recs[i]["drop"], i))
+    assert res["downstream"]["subsets"]["grand"] == by_early[:k]
+    assert res["downstream"]["subsets"]["drop"] == by_drop[:k]
     assert all(0.0 <= r["auroc"] <= 1.0 for r in res["detection"])
     curves = res["downstream"]["curves"]
-    assert set(curves) == {"gsnr", "loss", "ifd", "random-0", "random-1"}
+    assert set(curves) == {"gsnr", "drop", "grand", "loss", "ifd", "random-0", "random-1"}
     assert all([s for s, _ in c] == [0, 2, 4] for c in curves.values())
     # Same init for every adapter: at step 0 all held-out losses agree.
     first = [c[0][1] for c in curves.values()]
