@@ -289,8 +289,9 @@ class _Pass:
         for s in self.params:
             if not s.factored:
                 g = s.grads.reshape(bsz, -1)
-                s.sq_norms = g.to(torch.float32 if g.dtype != torch.float64 else g.dtype)
-                s.sq_norms = s.sq_norms.square().sum(-1).to(torch.float32)
+                # Square-sum in float64 when the gradients are float64, else in float32.
+                acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+                s.sq_norms = g.to(acc).square().sum(-1).to(torch.float32)
                 s.grads = None
 
     # -- the pass ---------------------------------------------------------------

@@ -153,10 +153,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _collate(encoded: list[Any], idx: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
-    from .data import Encoded, pad_batch
+    from .data import pad_batch
 
-    return pad_batch([Encoded(encoded[i].input_ids, encoded[i].labels, encoded[i].truncated)
-                      for i in idx], pad_id)
+    return pad_batch([encoded[i] for i in idx], pad_id)
 
 
 def snapshot_batches(lengths: list[int], batch_size: int, token_budget: int | None) -> list[list[int]]:
