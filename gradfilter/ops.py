@@ -154,6 +154,53 @@ def factor_sq_norms(
     return out
 
 
+def grad_and_sq_norms(
+    left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training backward of stacked factors with per-example norms on the side.
+
+    left ``[G, n, T, a]``, right ``[G, n, T, b]`` (G members of n examples of T
+    rows), valid ``[G, n, T]`` (bool; rows that may carry gradient, None = all).
+    Returns ``(grad [G, a, b], sq [G, n])``: ``grad[g] = sum_i left[g,i]^T
+    right[g,i]`` over the valid rows, the weight gradient, and ``sq[g, i] =
+    ||left[g,i]^T right[g,i]||^2``, the squared norm of each example's share of
+    it.  Triton computes both in one kernel (per-example tiles stay on chip); the
+    other backends form the tiles of a block of examples with batched GEMMs.
+    Results are in the compute dtype of the inputs.
+    """
+    if left.dim() != 4 or right.dim() != 4 or left.shape[:3] != right.shape[:3]:
+        raise ValueError(
+            f"left and right must be [G, n, T, a] and [G, n, T, b], got {tuple(left.shape)} "
+            f"and {tuple(right.shape)}"
+        )
+    dtype = ref.compute_dtype(left.dtype)
+    groups, n, seq, a = left.shape
+    b = right.shape[-1]
+    if valid is not None and valid.shape != left.shape[:3]:
+        raise ValueError(f"valid must be {tuple(left.shape[:3])}, got {tuple(valid.shape)}")
+    which = backend(left.device)
+    if which == "triton" and left.dtype in _TRITON_DTYPES and left.dtype == right.dtype:
+        from gradfilter.kernels.lora_norms import outer_grad_sq_norms
+
+        if valid is None:
+            lrows, rrows = left.reshape(-1, a), right.reshape(-1, b)
+            lengths = torch.full((groups * n,), seq, dtype=torch.int64, device=left.device)
+        else:
+            flat = valid.reshape(-1, seq)
+            lrows, rrows = left.reshape(-1, seq, a)[flat], right.reshape(-1, seq, b)[flat]
+            lengths = flat.sum(1)
+        cu = torch.zeros(groups * n + 1, dtype=torch.int64, device=left.device)
+        cu[1:] = lengths.cumsum(0)
+        cuts = torch.arange(groups + 1, dtype=torch.int64, device=left.device) * n
+        grad, sq = outer_grad_sq_norms(lrows, rrows, cu, cuts, max_seqlen=seq)
+        return grad.to(dtype), sq.reshape(groups, n).to(dtype)
+    left, right = left.to(dtype), right.to(dtype)
+    if valid is not None and not bool(valid.all()):
+        zero = torch.zeros((), dtype=dtype, device=left.device)
+        left = torch.where(valid.unsqueeze(-1), left, zero)
+    return ref.outer_grad_sq_norms_ref(left, right)
+
+
 # ----------------------------------------------------------------------------
 # Triton capability probe (used by the kernel backend; changes nothing above)
 # ----------------------------------------------------------------------------

@@ -80,6 +80,31 @@ def outer_sq_norms_direct_ref(left: torch.Tensor, right: torch.Tensor) -> torch.
     return out
 
 
+def outer_grad_sq_norms_ref(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed gradient per group and per-example squared norms, in one pass.
+
+    left ``[G, n, W, a]``, right ``[G, n, W, b]``: group g's example i has rows
+    ``left[g, i]`` and gradient ``left[g, i]^T right[g, i]``.  Returns ``(grad
+    [G, a, b], sq [G, n])``: the group sums (what training needs) and the
+    squared norms, from the same per-example tiles.
+    """
+    groups, n, _, a = left.shape
+    b = right.shape[-1]
+    grad = left.new_zeros(groups, a, b)
+    sq = left.new_zeros(groups, n)
+    rows = max(1, min(a, TEMP_BUDGET // max(1, b)))
+    per_block = max(1, TEMP_BUDGET // max(1, rows * b))
+    for g in range(groups):
+        for i0 in range(0, n, per_block):
+            i1 = min(n, i0 + per_block)
+            r = right[g, i0:i1]
+            for j0 in range(0, a, rows):
+                tile = torch.bmm(left[g, i0:i1, :, j0 : j0 + rows].transpose(1, 2), r)
+                sq[g, i0:i1] += tile.square().sum(dim=(1, 2))
+                grad[g, j0 : j0 + rows] += tile.sum(0)
+    return grad, sq
+
+
 def outer_sq_norms_ghost_ref(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``<L L^T, R R^T>`` for each example; same shapes as the direct route."""
     bsz, w, _ = left.shape

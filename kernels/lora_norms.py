@@ -32,6 +32,12 @@ Grid.  One flat axis (no 65535 limit on the example count):
   automatic split bounds that buffer by about ``programs x tile`` elements;
 * Gram: ``(example, block pair p <= q)``; the pairs are the split along T.
 
+Training pass, ``_outer_grad_sq_norm_kernel``: the same direct tiles, but a
+program walks a run of examples of one *group* (a member of the ensemble) and
+keeps, besides each example's tile square-sum, the running sum of the tiles:
+the summed weight gradient that training needs comes out of the same pass
+(``outer_grad_sq_norms``).  Grid ``(group, example chunk, a-tile, b-tile)``.
+
 Partial results go to a buffer (``[B, slots]`` or the tile buffer above) that
 is reduced with torch on the host side: no atomics, so the result is
 deterministic and the kernels run under the Triton interpreter.  Programs whose
@@ -61,6 +67,7 @@ __all__ = [
     "choose_packed_route",
     "fixed_config",
     "interpreted",
+    "outer_grad_sq_norms",
     "outer_sq_norms",
     "outer_sq_norms_direct",
     "outer_sq_norms_gram",
@@ -258,6 +265,99 @@ def _outer_sq_norm_gram_kernel(
     tl.store(part_ptr + example * stride_pe + pair, weight * tl.sum(gram_l * gram_r))
 
 
+@triton.jit
+def _outer_grad_sq_norm_kernel(
+    left_ptr,
+    right_ptr,
+    cu_ptr,
+    group_ptr,
+    sq_ptr,
+    grad_ptr,
+    a,
+    b,
+    n_chunks,
+    examples_per_program,
+    len_bucket,
+    stride_lm,
+    stride_la,
+    stride_rm,
+    stride_rb,
+    stride_se,
+    stride_gg,
+    stride_gc,
+    stride_ga,
+    stride_gb,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One ``BLOCK_A x BLOCK_B`` tile of the summed gradient of a run of examples
+    of one group, and that tile's square-sum for each of those examples.
+
+    Program ``pid = ((group * n_chunks + chunk) * tiles_a + tile_a) * tiles_b +
+    tile_b``.  Group ``g`` owns the examples ``group[g] : group[g + 1]``; chunk
+    ``c`` takes ``examples_per_program`` of them from ``group[g] + c *
+    examples_per_program``.  For each example the tile of ``L_i^T R_i`` is
+    accumulated on chip over the example's rows, its square-sum written to
+    ``sq[example, tile]`` (the slot stride is 1) and the tile added to the
+    chunk's sum, written at the end to ``grad[group, chunk, a_blk, b_blk]``.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tiles_a = tl.cdiv(a, BLOCK_A)
+    tiles_b = tl.cdiv(b, BLOCK_B)
+    n_tiles = tiles_a * tiles_b
+    tile = pid % n_tiles
+    rest = pid // n_tiles
+    chunk = rest % n_chunks
+    group = rest // n_chunks
+    tile_a = tile // tiles_b
+    tile_b = tile % tiles_b
+
+    g_start = tl.load(group_ptr + group).to(tl.int64)
+    g_end = tl.load(group_ptr + group + 1).to(tl.int64)
+    e0 = g_start + chunk * examples_per_program
+    e1 = tl.minimum(g_end, e0 + examples_per_program)
+
+    offs_a = tile_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = tile_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_a = offs_a < a
+    mask_b = offs_b < b
+
+    total = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for example in range(e0, e1):
+        start = tl.load(cu_ptr + example).to(tl.int64)
+        n_rows = (tl.load(cu_ptr + example + 1).to(tl.int64) - start).to(tl.int32)
+        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+        for t in range(0, n_rows, BLOCK_T):
+            rows = start + t + offs_t
+            mask_t = (t + offs_t) < n_rows
+            l_tile = tl.load(
+                left_ptr + rows[:, None] * stride_lm + offs_a[None, :] * stride_la,
+                mask=mask_t[:, None] & mask_a[None, :],
+                other=0.0,
+            )
+            r_tile = tl.load(
+                right_ptr + rows[:, None] * stride_rm + offs_b[None, :] * stride_rb,
+                mask=mask_t[:, None] & mask_b[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(tl.trans(l_tile), r_tile, acc, input_precision=INPUT_PRECISION)
+        tl.store(sq_ptr + example * stride_se + tile, tl.sum(acc * acc))
+        total += acc
+
+    tl.store(
+        grad_ptr
+        + group * stride_gg
+        + chunk * stride_gc
+        + offs_a[:, None] * stride_ga
+        + offs_b[None, :] * stride_gb,
+        total,
+        mask=mask_a[:, None] & mask_b[None, :],
+    )
+
+
 # ----------------------------------------------------------------------------
 # Configurations
 # ----------------------------------------------------------------------------
@@ -401,6 +501,13 @@ def _tuned_kernel(route: str):
                 prune_configs_by={"early_config_prune": _prune_direct},
                 reset_to_zero=["part_ptr"],
             )(_outer_sq_norm_direct_kernel)
+        elif route == "fused":
+            _TUNED[route] = triton.autotune(
+                configs=autotune_configs("direct"),
+                key=["a", "b", "len_bucket"],
+                prune_configs_by={"early_config_prune": _prune_direct},
+                reset_to_zero=["sq_ptr"],
+            )(_outer_grad_sq_norm_kernel)
         else:
             _TUNED[route] = triton.autotune(
                 configs=autotune_configs("ghost"),
@@ -731,3 +838,102 @@ def outer_sq_norms(
     return launch(
         left, right, cu_seqlens, max_seqlen=max_seqlen, autotune=autotune, allow_tf32=allow_tf32
     )
+
+
+def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"groups must be a torch.Tensor, got {type(groups).__name__}")
+    if groups.dim() != 1 or groups.numel() < 2:
+        raise ValueError(f"groups must be a 1-D tensor [G + 1] with G >= 1, got shape {tuple(groups.shape)}")
+    if groups.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"groups must be int32 or int64, got {groups.dtype}")
+    if groups.device != device:
+        raise ValueError(f"groups must be on {device}, got {groups.device}")
+    g = groups.detach().to("cpu", torch.int64)
+    if int(g[0]) != 0 or int(g[-1]) != n_ex:
+        raise ValueError(
+            f"groups must run from 0 to the number of examples {n_ex}, got {int(g[0])} .. {int(g[-1])}"
+        )
+    if bool((g[1:] < g[:-1]).any()):
+        raise ValueError("groups must be non-decreasing")
+    return g
+
+
+def outer_grad_sq_norms(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    max_seqlen: int | None = None,
+    examples_per_program: int | None = None,
+    config: triton.Config | None = None,
+    autotune: bool | None = None,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed gradient per group and per-example squared norms, in one pass.
+
+    left ``[N, a]``, right ``[N, b]``, cu_seqlens ``[B + 1]`` as for
+    :func:`outer_sq_norms_direct`; groups ``[G + 1]`` (int32/int64) cuts the
+    examples into G consecutive groups (``groups[0] = 0``, ``groups[-1] = B``).
+    Returns ``(grad, sq)``: float32 ``[G, a, b]`` with ``grad[g] = sum over the
+    group's examples of L_i^T R_i``, and float32 ``[B]`` with ``sq[i] =
+    ||L_i^T R_i||_F^2``.  Per-example gradients never leave the chip.
+    ``examples_per_program``: how many examples one program walks (default: a
+    group's worth, cut further when ``G x tiles`` alone would leave the GPU
+    idle).  Examples are never split along T here, since a tile must be whole
+    before it is squared.
+    """
+    left, right, cu = _check_inputs(left, right, cu_seqlens)
+    n_rows, a = left.shape
+    b = right.shape[1]
+    n_ex = cu.numel() - 1
+    g_host = _check_groups(groups, n_ex, left.device)
+    n_groups = g_host.numel() - 1
+    grad = torch.zeros(n_groups, a, b, dtype=torch.float32, device=left.device)
+    sq = torch.zeros(n_ex, dtype=torch.float32, device=left.device)
+    if n_ex == 0 or a == 0 or b == 0:
+        return grad, sq
+    max_len = _max_len(cu, n_rows, max_seqlen)
+    if max_len == 0:
+        return grad, sq
+    largest = int((g_host[1:] - g_host[:-1]).max())
+    if examples_per_program is None:
+        tiles = triton.cdiv(a, _pow2_clamp(a, MIN_DOT, 64)) * triton.cdiv(b, _pow2_clamp(b, MIN_DOT, 64))
+        chunks = max(1, min(largest, triton.cdiv(_target_programs(left.device), n_groups * tiles)))
+        epp = triton.cdiv(largest, chunks)
+    else:
+        if int(examples_per_program) < 1:
+            raise ValueError(f"examples_per_program must be >= 1, got {examples_per_program}")
+        epp = int(examples_per_program)
+    n_chunks = max(1, triton.cdiv(largest, epp))
+    tuned = config is None and _use_autotune(autotune)
+    cfg = config if config is not None else fixed_config("direct", a, b, max_len)
+    for key in ("BLOCK_A", "BLOCK_B", "BLOCK_T"):
+        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
+            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+
+    cands = autotune_configs("direct") if tuned else [cfg]
+    slots = triton.cdiv(a, min(c.kwargs["BLOCK_A"] for c in cands)) * triton.cdiv(
+        b, min(c.kwargs["BLOCK_B"] for c in cands)
+    )
+    sq_part = torch.zeros(n_ex, slots, dtype=torch.float32, device=left.device)
+    # Every (group, chunk, a, b) element is written by exactly one program.
+    part = torch.empty(n_groups, n_chunks, a, b, dtype=torch.float32, device=left.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"])
+        return (n_groups * n_chunks * tiles,)
+
+    args = (
+        left, right, cu, groups.contiguous(), sq_part, part,
+        a, b, n_chunks, epp, triton.next_power_of_2(max_len),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        sq_part.stride(0), *part.stride(),
+    )
+    precision = _input_precision(left.dtype, allow_tf32)
+    if tuned:
+        _tuned_kernel("fused")[grid](*args, INPUT_PRECISION=precision)
+    else:
+        _outer_grad_sq_norm_kernel[grid](*args, INPUT_PRECISION=precision, **_launch_options(cfg))
+    return part.sum(dim=1), sq_part.sum(dim=1)

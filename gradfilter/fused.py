@@ -1,0 +1,146 @@
+"""The stacked LoRA matmul, whose backward can record per-example norms.
+
+``StackedMatmul.apply(x, weight, recorder)`` computes, for member-major row
+blocks of ``x`` (rows ``m*n .. m*n+n-1`` belong to member m)::
+
+    y[rows of m] = x[rows of m] @ weight[m]^T          weight: [M, out, in]
+
+Its backward gives the input gradient and the summed weight gradient as usual.
+When a :class:`NormRecorder` is passed, the weight gradient comes from
+:func:`gradfilter.ops.grad_and_sq_norms` instead, which returns in the same
+pass the squared norm of every row's (every example's) share of that gradient,
+and the recorder adds them up over all the stacked layers of a model.  So a
+training step yields the per-example gradient norms of every member at the
+cost of the weight gradient it computes anyway.
+
+``torch.func``: the function uses the ``setup_context`` style and has a
+``vmap`` rule.  Under ``vmap`` with an unbatched weight, the vmapped dimension
+is folded into each member's block of rows and the function runs once; with a
+batched weight (e.g. ``vmap`` over stacked parameter sets) it runs as one
+batched ``einsum``.  Recording norms under ``vmap`` is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import ops
+
+
+class NormRecorder:
+    """Adds up per-example squared gradient norms over the stacked layers of one
+    backward.
+
+    members, rows: the folded batch has ``members * rows`` rows, member-major.
+    valid: optional ``[members * rows, T]`` bool, the positions that may carry
+    gradient (e.g. the attention mask); others are skipped, not just zero.
+    After the backward, ``sq`` is ``[members, rows]`` (float64): for each
+    member and example, the squared norm of that example's share of the
+    gradient of all the recorded stacked parameters.
+    """
+
+    def __init__(self, members: int, rows: int, valid: torch.Tensor | None = None) -> None:
+        if members < 1 or rows < 1:
+            raise ValueError(f"members and rows must be positive, got {members} and {rows}")
+        if valid is not None and (valid.dim() != 2 or valid.shape[0] != members * rows):
+            raise ValueError(
+                f"valid must be [members * rows, T] = [{members * rows}, T], got {tuple(valid.shape)}"
+            )
+        self.members, self.rows = members, rows
+        self.valid = None if valid is None else valid.bool()
+        self.sq = torch.zeros(members, rows, dtype=torch.float64)
+        self.layers = 0
+
+    def add(self, sq: torch.Tensor) -> None:
+        self.sq += sq.detach().to("cpu", torch.float64)
+        self.layers += 1
+
+
+def _member_blocks(t: torch.Tensor, members: int) -> torch.Tensor:
+    """``[M*n, ..., d] -> [M, n*..., d]``."""
+    if t.shape[0] % members:
+        raise ValueError(f"{t.shape[0]} rows cannot be split between {members} members")
+    return t.reshape(members, -1, t.shape[-1])
+
+
+class StackedMatmul(torch.autograd.Function):
+    """``y = x W_m^T`` per member block of rows; see the module docstring."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, recorder: NormRecorder | None) -> torch.Tensor:
+        members = weight.shape[0]
+        y = torch.bmm(_member_blocks(x, members), weight.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, recorder = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.recorder = recorder
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        members = weight.shape[0]
+        gy = _member_blocks(grad_y, members)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(gy, weight).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            rec = ctx.recorder
+            if rec is None:
+                grad_w = torch.bmm(gy.transpose(1, 2), _member_blocks(x, members))
+            else:
+                if rec.members != members or x.shape[0] != members * rec.rows:
+                    raise ValueError(
+                        f"the recorder expects {rec.members} members x {rec.rows} rows, the layer "
+                        f"got {members} members and {x.shape[0]} rows"
+                    )
+                seq = x[0].numel() // x.shape[-1]  # positions per row
+                left = grad_y.reshape(members, rec.rows, seq, grad_y.shape[-1])
+                right = x.reshape(members, rec.rows, seq, x.shape[-1])
+                valid = None
+                if rec.valid is not None:
+                    if rec.valid.shape[1] != seq:
+                        raise ValueError(
+                            f"the recorder's valid mask has {rec.valid.shape[1]} positions per row, "
+                            f"the layer has {seq}"
+                        )
+                    valid = rec.valid.to(x.device).reshape(members, rec.rows, seq)
+                grad_w, sq = ops.grad_and_sq_norms(left, right, valid)
+                grad_w = grad_w.to(weight.dtype)
+                rec.add(sq)
+        return grad_x, grad_w, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, weight: torch.Tensor,
+             recorder: NormRecorder | None):
+        if recorder is not None:
+            raise RuntimeError(
+                "per-example norms cannot be recorded under torch.func.vmap; record them from a "
+                "plain backward, or use gradfilter.per_example_grad_norms"
+            )
+        x_dim, w_dim, _ = in_dims
+        size = info.batch_size
+        if w_dim is None:
+            members = weight.shape[0]
+            xs = x.movedim(x_dim, 0)  # [V, rows, ..., in]
+            rows, rest = xs.shape[1], xs.shape[2:]
+            if rows % members:
+                raise ValueError(f"{rows} rows cannot be split between {members} members")
+            n = rows // members
+            folded = xs.reshape(size, members, n, *rest).transpose(0, 1).reshape(members * size * n, *rest)
+            y = StackedMatmul.apply(folded, weight, None)
+            out = y.shape[1:]
+            y = y.reshape(members, size, n, *out).transpose(0, 1).reshape(size, rows, *out)
+            return y, 0
+        ws = weight.movedim(w_dim, 0)  # [V, M, out, in]
+        members = ws.shape[1]
+        xs = x.movedim(x_dim, 0) if x_dim is not None else x.unsqueeze(0).expand(size, *x.shape)
+        rows = xs.shape[1]
+        if rows % members:
+            raise ValueError(f"{rows} rows cannot be split between {members} members")
+        y = torch.einsum("vmki,vmoi->vmko", xs.reshape(size, members, -1, xs.shape[-1]), ws)
+        return y.reshape(*xs.shape[:-1], ws.shape[2]), 0
