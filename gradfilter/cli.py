@@ -141,7 +141,8 @@ def _score(args: argparse.Namespace) -> int:
         targets = [t for t in targets.split(",") if t]
     config = ScoreConfig(
         method=args.method, proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=targets, epochs=args.epochs, early=args.early,
+        dropout=args.dropout, targets=targets, lora_layers_from=args.lora_layers_from,
+        prefix_cache=args.prefix_cache, epochs=args.epochs, early=args.early,
         late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
         max_length=args.max_length, seed=args.seed, template=args.template,
         reduction=args.reduction, drop=args.drop, spread=args.spread, of=args.of,
@@ -227,6 +228,11 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--targets", default=None,
                    help="comma-separated layer names, or all-linear (default: attention projections)")
+    p.add_argument("--lora-layers-from", type=int, default=0, metavar="K",
+                   help="adapters only on decoder layers K..L-1 (default 0: all layers)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="with --lora-layers-from K > 0, run the frozen layers below K once per "
+                        "row and reuse their output across members, epochs and snapshots")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--early", type=int, default=1, help="early snapshot after this epoch")
     p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")

@@ -110,6 +110,13 @@ class LoRAEnsemble(nn.Module):
         target_modules: layer name suffixes to adapt; None = all attention
             projections; ``"all-linear"`` = every Linear / Conv1D but the LM head.
         seed: member m's seed is ``seed + m`` unless ``member_seeds`` is given.
+        layers_from: k; adapt only targets inside decoder layers ``k .. L-1``
+            (0 = every match, also outside the decoder layers).  A target keeps
+            its init and dropout keys whatever k is.
+        prefix_cache: with k > 0, compute the frozen prefix (embeddings and
+            layers below k) once per example and start the folded forward at
+            block k (:mod:`gradfilter.prefix`); the cache is keyed by the
+            ``rows`` / ``member_rows`` given to the passes.
     """
 
     def __init__(
@@ -124,6 +131,8 @@ class LoRAEnsemble(nn.Module):
         *,
         member_seeds: Sequence[int] | None = None,
         use_rslora: bool = False,
+        layers_from: int = 0,
+        prefix_cache: bool = False,
     ) -> None:
         super().__init__()
         if members < 1:
@@ -148,17 +157,36 @@ class LoRAEnsemble(nn.Module):
             target_modules = _default_targets(base_model)
         self.target_modules = target_modules
         lm_head = base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
-        self._targets: dict[str, nn.Module] = {}
+        matched: list[tuple[str, nn.Module]] = []
         for name, module in base_model.named_modules():
             if not (isinstance(module, nn.Linear) or _is_conv1d(module)) or module is lm_head:
                 continue
             if target_modules == "all-linear" or (
                 not isinstance(target_modules, str) and _match(name, target_modules)
             ):
-                self._targets[name] = module
-        if not self._targets:
+                matched.append((name, module))
+        if not matched:
             raise ValueError(
                 f"no Linear or Conv1D layer of the model matches target_modules={target_modules!r}"
+            )
+        self.layers_from = _check_layers_from(base_model, layers_from)
+        # A target's dropout key uses its position among all matches, so it is the
+        # same whatever layers_from leaves out.
+        self._layer_index: dict[str, int] = {}
+        self._targets: dict[str, nn.Module] = {}
+        if self.layers_from:
+            from .prefix import decoder_layers
+
+            blocks = decoder_layers(base_model)[0]
+        for index, (name, module) in enumerate(matched):
+            if self.layers_from and not _in_layers_from(blocks, name, self.layers_from):
+                continue
+            self._targets[name] = module
+            self._layer_index[name] = index
+        if not self._targets:
+            raise ValueError(
+                f"no layer matching target_modules={target_modules!r} lies in decoder layers "
+                f"{self.layers_from}..; lower layers_from or widen the targets"
             )
 
         param = next(base_model.parameters())
@@ -174,9 +202,21 @@ class LoRAEnsemble(nn.Module):
         self._active = False
         self._context: dict | None = None
         self._hooks = [
-            module.register_forward_hook(self._make_hook(self.adapters[_key(name)], layer))
-            for layer, (name, module) in enumerate(self._targets.items())
+            module.register_forward_hook(
+                self._make_hook(self.adapters[_key(name)], self._layer_index[name]))
+            for name, module in self._targets.items()
         ]
+        self._prefix_states: torch.Tensor | None = None  # folded, for the pass in flight
+        self.prefix_cache = None
+        if prefix_cache:
+            if not self.layers_from:
+                raise ValueError(
+                    "prefix_cache needs layers_from > 0: with adapters from layer 0 no frozen "
+                    "prefix is shared by the members"
+                )
+            from .prefix import PrefixCache
+
+            self.prefix_cache = PrefixCache(base_model, self.layers_from)
         self.eval()
 
     # -- construction ---------------------------------------------------------------
@@ -243,14 +283,63 @@ class LoRAEnsemble(nn.Module):
             self._active, self._context = False, None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Run the base on member-major folded rows ``[M * B, T]`` with the adapters."""
+        """Run the base on member-major folded rows ``[M * B, T]`` with the adapters.
+
+        ``prefix_states`` ``[M * B, T, d]`` (the hidden states entering decoder
+        block ``layers_from``, see :mod:`gradfilter.prefix`) starts the forward
+        at that block; ``input_ids`` then only give the shape."""
         if input_ids.shape[0] % self.members:
             raise ValueError(
                 f"{input_ids.shape[0]} rows is not a multiple of {self.members} members; "
                 "fold a batch with LoRAEnsemble.fold"
             )
+        prefix = kwargs.pop("prefix_states", None)
+        if prefix is None:
+            prefix = self._prefix_states
         with self._folded(kwargs.pop("dropout_context", None)):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            if prefix is None:
+                return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self._forward_from_prefix(input_ids, attention_mask, prefix, kwargs)
+
+    def _forward_from_prefix(self, input_ids, attention_mask, prefix, kwargs):
+        from .prefix import run_from_layer
+
+        if not self.layers_from:
+            raise ValueError("prefix_states need layers_from > 0")
+        if tuple(prefix.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"prefix_states {tuple(prefix.shape)} do not match the folded rows "
+                f"{tuple(input_ids.shape)}"
+            )
+        if self.base.training:
+            raise ValueError("a cached prefix is computed in eval mode; run the base in eval mode")
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            real = (attention_mask.bool() if attention_mask is not None
+                    else torch.ones_like(input_ids, dtype=torch.bool))
+            want = torch.arange(input_ids.shape[1], device=positions.device).expand_as(real)
+            if not bool((positions.expand_as(real) == want)[real].all()):
+                raise ValueError("a cached prefix assumes positions 0, 1, ... on real tokens "
+                                 "(right padding)")
+        return run_from_layer(self.base, self.layers_from, prefix, attention_mask, **kwargs)
+
+    def prefix_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rows: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+    ) -> torch.Tensor | None:
+        """``[B, T, d]`` hidden states entering block ``layers_from`` for a
+        right-padded batch, from the prefix cache (``rows``: the examples' row
+        indices, the cache keys; None computes them without storing), or None
+        when the ensemble has no prefix cache."""
+        if self.prefix_cache is None:
+            if rows is not None:
+                raise ValueError("row indices key the prefix cache; construct the ensemble with "
+                                 "layers_from > 0 and prefix_cache=True")
+            return None
+        return self.prefix_cache.states(input_ids, attention_mask, rows, max_tokens=max_tokens)
 
     def fold(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, ...] -> [M * B, ...]``: every member sees the same batch."""
@@ -264,16 +353,27 @@ class LoRAEnsemble(nn.Module):
         *,
         reduction: str = "mean",
         per_param: bool = False,
+        rows: Sequence[int] | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """``[M, B]``: norm of each example's loss gradient for each member's LoRA
-        parameters, from one forward and one backward of the folded batch (eval mode)."""
+        parameters, from one forward and one backward of the folded batch (eval mode).
+
+        With a prefix cache the forward starts at block ``layers_from`` from the
+        cached states of ``rows`` (the examples' row indices; None: computed for
+        this batch only).  The norm engine's anchor is tied to the adapters'
+        inputs, all at or above that block, so the norms are those of a full pass."""
         from .api import per_example_grad_norms
 
         bsz = input_ids.shape[0]
-        out = per_example_grad_norms(
-            self, self.fold(input_ids), self.fold(labels), self.fold(attention_mask),
-            reduction=reduction, per_param=per_param,
-        )
+        prefix = self.prefix_states(input_ids, attention_mask, rows)
+        self._prefix_states = self.fold(prefix)
+        try:
+            out = per_example_grad_norms(
+                self, self.fold(input_ids), self.fold(labels), self.fold(attention_mask),
+                reduction=reduction, per_param=per_param,
+            )
+        finally:
+            self._prefix_states = None
         if per_param:
             return {k: v.reshape(self.members, bsz) for k, v in out.items()}
         return out.reshape(self.members, bsz)
@@ -281,11 +381,13 @@ class LoRAEnsemble(nn.Module):
     def member_ce_sums(
         self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
         dropout_context: dict | None = None,
+        prefix_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``([M], [M])``: each member's summed token cross-entropy over its block
-        of folded rows, and its number of supervised tokens."""
+        of folded rows, and its number of supervised tokens.  ``prefix_states``
+        ``[M * B, T, d]`` start the forward at block ``layers_from``."""
         out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   dropout_context=dropout_context)
+                   dropout_context=dropout_context, prefix_states=prefix_states)
         logits = out.logits[:, :-1]
         target = labels[:, 1:]
         flat = logits.reshape(-1, logits.shape[-1])
@@ -309,6 +411,7 @@ class LoRAEnsemble(nn.Module):
         member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         optimizer: torch.optim.Optimizer,
         max_tokens: int | None = None,
+        member_rows: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
         """One optimiser step for all members, each on its own batch.
 
@@ -316,7 +419,9 @@ class LoRAEnsemble(nn.Module):
         batch size (right-padded; lengths may differ).  Member m's loss is its mean
         token cross-entropy over its batch (the Hugging Face convention).  With
         ``max_tokens``, the folded step runs in chunks of rows of at most that many
-        padded tokens, accumulating the same gradient.  Returns the ``[M]`` losses.
+        padded tokens, accumulating the same gradient.  With a prefix cache,
+        ``member_rows`` (M lists of row indices) key the cached states; the
+        forward starts at block ``layers_from``.  Returns the ``[M]`` losses.
         """
         if len(member_batches) != self.members:
             raise ValueError(f"{len(member_batches)} batches for {self.members} members")
@@ -331,6 +436,14 @@ class LoRAEnsemble(nn.Module):
             for k, v in ((0, 0), (1, -100), (2, 0))
         )  # [M, B, T]
         counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+        prefix = None
+        if member_rows is not None and len(member_rows) != self.members:
+            raise ValueError(f"{len(member_rows)} row lists for {self.members} members")
+        if self.prefix_cache is not None or member_rows is not None:
+            flat_rows = None if member_rows is None else [int(r) for rs in member_rows for r in rs]
+            prefix = self.prefix_states(ids.reshape(-1, seq), mask.reshape(-1, seq), flat_rows,
+                                        max_tokens=max_tokens)
+            prefix = prefix.reshape(self.members, bsz, seq, -1)  # [M, B, T, d]
         rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (self.members * seq)))
         was = self.training
         self.train()
@@ -345,6 +458,8 @@ class LoRAEnsemble(nn.Module):
                         ids[:, sl].reshape(-1, seq), labels[:, sl].reshape(-1, seq),
                         mask[:, sl].reshape(-1, seq),
                         dropout_context={"lengths": lengths, "first_row": r0},
+                        prefix_states=None if prefix is None
+                        else prefix[:, sl].reshape(-1, seq, prefix.shape[-1]),
                     )
                     (sums / counts).sum().backward()
                     total += sums.detach().double().cpu()
@@ -399,6 +514,30 @@ class LoRAEnsemble(nn.Module):
             h.remove()
         self._hooks = []
         return self.base
+
+
+def _check_layers_from(model: nn.Module, layers_from: int) -> int:
+    if isinstance(layers_from, bool) or not isinstance(layers_from, int):
+        raise ValueError(f"layers_from must be an int, got {layers_from!r}")
+    if layers_from == 0:
+        return 0
+    from .prefix import decoder_layers
+
+    n = len(decoder_layers(model)[3])
+    if not 0 <= layers_from < n:
+        raise ValueError(
+            f"layers_from must be in [0, {n}) for a model with {n} decoder layers, got {layers_from}"
+        )
+    return layers_from
+
+
+def _in_layers_from(blocks: str, name: str, layers_from: int) -> bool:
+    """Whether module ``name`` lies inside decoder layer ``layers_from`` or above
+    of the decoder layer list named ``blocks``."""
+    prefix = blocks + "."
+    if not name.startswith(prefix):
+        return False
+    return int(name[len(prefix):].split(".", 1)[0]) >= layers_from
 
 
 def _key(name: str) -> str:

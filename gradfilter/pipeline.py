@@ -45,6 +45,10 @@ class ScoreConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: list[str] | str | None = None  # None = attention projections; "all-linear"
+    # Adapters only on decoder layers lora_layers_from..L-1; with prefix_cache the
+    # frozen layers below run once per example (an execution choice: not in identity).
+    lora_layers_from: int = 0
+    prefix_cache: bool = False
     epochs: int = 2
     early: int = 1
     late: int = 2
@@ -88,6 +92,14 @@ class ScoreConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if isinstance(self.lora_layers_from, bool) or not isinstance(self.lora_layers_from, int) \
+                or self.lora_layers_from < 0:
+            raise ValueError(f"lora_layers_from must be an int >= 0, got {self.lora_layers_from!r}")
+        if self.prefix_cache and self.lora_layers_from == 0:
+            raise ValueError(
+                "prefix_cache needs lora_layers_from > 0: with adapters from layer 0 there is "
+                "no frozen prefix to cache"
+            )
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
         self.gsnr_config()  # validates the G-SNR options
@@ -101,6 +113,7 @@ class ScoreConfig:
         """The fields a checkpoint must agree on to be resumed."""
         d = dataclasses.asdict(self)
         d.pop("checkpoint_seconds")
+        d.pop("prefix_cache")  # same scores (to rounding) with or without
         return d
 
 
@@ -319,7 +332,8 @@ def score(
 
     torch.manual_seed(config.seed)
     ens = LoRAEnsemble(model, members=config.members, r=config.rank, alpha=config.alpha,
-                       dropout=config.dropout, target_modules=config.targets, seed=config.seed)
+                       dropout=config.dropout, target_modules=config.targets, seed=config.seed,
+                       layers_from=config.lora_layers_from, prefix_cache=config.prefix_cache)
     opt = ens.make_optimizer(lr=config.lr)
     pad_id = pad_id_of(tok)
     m = config.members
@@ -373,7 +387,9 @@ def score(
         for bi in range(state["snap_batch"], len(snaps)):
             idx = snaps[bi]
             ids, labels, mask = _collate(encoded, [ok[j] for j in idx], pad_id)
-            norms = ens.per_example_grad_norms(ids, labels, mask, reduction=config.reduction)
+            norms = ens.per_example_grad_norms(
+                ids, labels, mask, reduction=config.reduction,
+                rows=[ok[j] for j in idx] if ens.prefix_cache is not None else None)
             target[idx] = (norms.double() ** 2).T.numpy()
             state["tokens"] += int(mask.sum()) * m
             state["padded"] += int(mask.numel() - mask.sum()) * m
@@ -407,7 +423,9 @@ def score(
             step = schedule[state["step"]]
             batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
             losses = ens.train_step(
-                batches, opt, max_tokens=config.token_budget)
+                batches, opt, max_tokens=config.token_budget,
+                member_rows=[[ok[j] for j in idx] for idx in step]
+                if ens.prefix_cache is not None else None)
             seq = max(b[0].shape[1] for b in batches)
             real = sum(int(b[2].sum()) for b in batches)
             state["tokens"] += real
@@ -443,6 +461,10 @@ def score(
     run = _run_summary(config, source, plan, timings, counted, model)
     run["member_seeds"] = ens.member_seeds
     run["final_losses"] = state["losses"][-1][2] if state["losses"] else None
+    if ens.prefix_cache is not None:
+        run["prefix_cache"] = {"layers_from": ens.layers_from, "rows": len(ens.prefix_cache),
+                               "rows_computed": ens.prefix_cache.computed_rows,
+                               "bytes": ens.prefix_cache.nbytes}
     ens.remove()
     if outdir:
         _write_outputs(outdir, records, run)
