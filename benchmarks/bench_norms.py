@@ -7,17 +7,45 @@ Opacus's ghost norm sampler for ``nn.Linear`` (the Gram route it always
 takes), and materialise-then-norm.  Model level: gradfilter, Opacus
 ``GradSampleModule`` (hooks), Opacus ghost clipping (norms only),
 ``torch.func`` ``vmap(grad)``, the per-example loop (small sizes), and a plain
-LoRA forward + backward with no norms (the reference for overhead).
+LoRA forward + backward with no norms (the reference for overhead and memory).
+Ensemble: all members folded into one pass against one pass per member.
+
+Model-level cases:
+
+* default: a 4-layer GPT-2-small-shaped model (B=4 T=128, B=2 T=512) and the
+  real SmolLM2-135M-Instruct (LoRA r=8 on q/k/v/o; B=1 T=512, B=8 T=128;
+  skipped when its GGUF package is not installed);
+* ``GRADFILTER_BENCH_FULL=1``: the 12-layer GPT-2-small-shaped model at
+  B=4 T=512 and B=2 T=1024.  These are smaller batches than B=8 because on a
+  2-core CPU B=8 at T=1024 takes minutes per call for Opacus's hooks and
+  ``torch.func`` and needs more than 10 GB resident for eager attention.
+
+Peak memory (model-level cases): one extra, untimed call per case after the
+timed rounds.  On CUDA it is ``max_memory_allocated`` minus the allocation
+before the call.  On CPU it is the peak resident set size over the call
+minus the resident set size before it (Linux: writing ``5`` to
+``/proc/self/clear_refs`` resets ``VmHWM``; ``VmRSS`` before and ``VmHWM``
+after come from ``/proc/self/status``).  Stored as ``peak_delta_mib`` in
+``extra_info``, with ``param_mib`` (the model's parameters and buffers) so the
+ratio can also be read with the weights included.
 
 Run (CPU sizes by default; ``GRADFILTER_BENCH_FULL=1`` adds the long cases)::
 
     python -m pytest benchmarks/bench_norms.py --benchmark-json benchmarks/results/cpu.json
     python benchmarks/report.py benchmarks/results/cpu.json   # the README table
+
+On a CPU shared with other work, set ``OMP_NUM_THREADS`` to the number of
+free cores: more threads than free cores makes every provider several times
+slower and the timings erratic.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,11 +73,62 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _common_info() -> dict:
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": DEVICE}
+
+
+# -- peak memory ----------------------------------------------------------------------
+
+
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    if m is None:
+        raise OSError(f"no {field} in /proc/self/status")
+    return int(m.group(1)) / 1024
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so that the
+    resident set before a call holds no free memory the call could reuse."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_peak(fn) -> dict:
+    """Run ``fn()`` once and return its peak memory above what was in use before it.
+
+    ``{"peak_delta_mib": ..., "before_mib": ..., "peak_mib": ...}``; empty when the
+    platform offers no way to measure it.
+    """
+    _release_free_memory()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+            before = _proc_status_mib("VmRSS")
+        except OSError:
+            return {}
+        fn()
+        peak = _proc_status_mib("VmHWM")
+    return {"peak_delta_mib": peak - before, "before_mib": before, "peak_mib": peak}
+
+
 # -- layer level --------------------------------------------------------------------
 
 LAYER_CASES = [(b, t, r) for b in (1, 8) for t in (128, 512) for r in (8, 64)]
 if FULL:
-    LAYER_CASES += [(8, 2048, 8), (8, 2048, 64)]
+    LAYER_CASES += [(b, 2048, r) for b in (1, 8) for r in (8, 64)]
 
 
 def _layer_tensors(bsz: int, seq: int, r: int, d: int = 768):
@@ -107,13 +186,13 @@ def test_layer_norm(benchmark, provider, bsz, seq, r):
     assert torch.allclose(got, want, rtol=1e-3), (provider, got, want)
     benchmark.group = f"layer d=768 r={r} B={bsz} T={seq}"
     benchmark.extra_info.update(level="layer", provider=provider, B=bsz, T=seq, r=r,
-                                backend=ops.backend(DEVICE))
+                                backend=ops.backend(DEVICE), **_common_info())
 
     def run():
         fn(x, z, h, g)
         _sync()
 
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
 
 
 # -- model level --------------------------------------------------------------------
@@ -137,6 +216,37 @@ def gpt2_small_lora(n_layer: int = 12, r: int = 8):
     return model.to(DEVICE).eval()
 
 
+def smollm2_lora(r: int = 8):
+    """SmolLM2-135M-Instruct (real weights, float32) with LoRA on q/k/v/o."""
+    from gradfilter.models import load_proxy, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+    model, _ = load_proxy()
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(DEVICE).eval()
+
+
+MODELS = {
+    "gpt2-4": ("GPT-2-small-shaped (4 layers) LoRA r=8", lambda: gpt2_small_lora(n_layer=4)),
+    "gpt2-12": ("GPT-2-small-shaped (12 layers) LoRA r=8", lambda: gpt2_small_lora(n_layer=12)),
+    "smollm2": ("SmolLM2-135M LoRA r=8 q/k/v/o", smollm2_lora),
+}
+
+
+@functools.lru_cache(maxsize=1)  # one model resident at a time; cases are ordered by model
+def _model(key: str):
+    return MODELS[key][1]()
+
+
 def _plain_step(model, ids, labels):
     out = model(input_ids=ids, labels=labels, use_cache=False)
     out.loss.backward()
@@ -151,56 +261,66 @@ MODEL_PROVIDERS = {
     "torch.func": functorch_per_example_grad_norms,
     "loop": loop_per_example_grad_norms,
 }
-MODEL_CASES = [(4, 128)] + ([(8, 512), (8, 1024)] if FULL else [(2, 512)])
-
-
-@pytest.fixture(scope="module")
-def gpt2_small():
-    return gpt2_small_lora(n_layer=12 if FULL else 4)
+MODEL_CASES = ([("gpt2-12", 4, 512), ("gpt2-12", 2, 1024)] if FULL
+               else [("gpt2-4", 4, 128), ("gpt2-4", 2, 512), ("smollm2", 1, 512), ("smollm2", 8, 128)])
 
 
 @pytest.mark.parametrize("provider", list(MODEL_PROVIDERS))
-@pytest.mark.parametrize("bsz,seq", MODEL_CASES)
-def test_model_norms(benchmark, gpt2_small, provider, bsz, seq):
+@pytest.mark.parametrize("model_key,bsz,seq", MODEL_CASES)
+def test_model_norms(benchmark, provider, model_key, bsz, seq):
     if provider == "loop" and bsz * seq > 1024:
         pytest.skip("the per-example loop is only timed at small sizes")
+    model = _model(model_key)
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 50257, (bsz, seq), generator=gen).to(DEVICE)
+    ids = torch.randint(0, vocab, (bsz, seq), generator=gen).to(DEVICE)
     labels = ids.clone()
     labels[:, : seq // 4] = -100
     fn = MODEL_PROVIDERS[provider]
-    benchmark.group = f"GPT-2-small-shaped LoRA r=8 B={bsz} T={seq}"
-    benchmark.extra_info.update(level="model", provider=provider, B=bsz, T=seq,
-                                backend=ops.backend(DEVICE))
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"{MODELS[model_key][0]} B={bsz} T={seq}"
+    param_mib = sum(t.numel() * t.element_size()
+                    for t in [*model.parameters(), *model.buffers()]) / 2**20
+    benchmark.extra_info.update(level="model", model=model_key, provider=provider, B=bsz, T=seq,
+                                backend=ops.backend(DEVICE), param_mib=param_mib, **_common_info())
 
     def run():
-        fn(gpt2_small, ids, labels)
+        fn(model, ids, labels)
         _sync()
 
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    if DEVICE == "cuda":
-        benchmark.extra_info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    benchmark.extra_info.update(measure_peak(run))
 
 
 # -- ensemble --------------------------------------------------------------------------
 
+# (name, tiny_gpt2 kwargs, B, T, timed rounds).  "small" is where the matrix products
+# dominate; "tiny" is where per-operation overhead does (kernel launches on a GPU,
+# dispatcher and Python on a CPU), which folding the members into one pass removes.
+ENSEMBLE_MODELS = {
+    "small": ("small GPT-2 (4 x 128)", dict(n_layer=4, n_embd=128, n_head=4, vocab_size=512,
+                                            n_positions=256), 8, 128, 3),
+    "tiny": ("tiny GPT-2 (2 x 64)", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512,
+                                         n_positions=64), 4, 32, 20),
+}
 
-@pytest.mark.parametrize("members", [1, 2, 5, 8])
+
 @pytest.mark.parametrize("mode", ["folded", "sequential"])
-def test_ensemble(benchmark, members, mode):
+@pytest.mark.parametrize("members", [1, 2, 5, 8])
+@pytest.mark.parametrize("size", list(ENSEMBLE_MODELS))
+def test_ensemble(benchmark, size, members, mode):
     from gradfilter.models import tiny_gpt2
 
-    base = tiny_gpt2(n_layer=4, n_embd=128, n_head=4, vocab_size=512, n_positions=256).to(DEVICE)
+    label, kwargs, bsz, seq, rounds = ENSEMBLE_MODELS[size]
+    base = tiny_gpt2(**kwargs).to(DEVICE)
     gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 512, (8, 128), generator=gen).to(DEVICE)
+    ids = torch.randint(0, kwargs["vocab_size"], (bsz, seq), generator=gen).to(DEVICE)
     labels = ids.clone()
     ens = LoRAEnsemble(base, members=members, r=8, alpha=16)
     singles = [LoRAEnsemble(base, members=1, r=8, alpha=16, member_seeds=[s])
                for s in ens.member_seeds] if mode == "sequential" else []
-    benchmark.group = f"ensemble of {members}, small GPT-2 (4 x 128), B=8 T=128"
-    benchmark.extra_info.update(level="ensemble", provider=mode, M=members)
+    benchmark.group = f"ensemble of {members}, {label}, B={bsz} T={seq}"
+    benchmark.extra_info.update(level="ensemble", provider=mode, M=members, size=size, B=bsz, T=seq,
+                                **_common_info())
 
     def run():
         if mode == "folded":
@@ -211,6 +331,6 @@ def test_ensemble(benchmark, members, mode):
         _sync()
 
     # Several ensembles may share a base: each one's adapters act only inside its own forward.
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     for e in [ens, *singles]:
         e.remove()
