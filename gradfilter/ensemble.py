@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
+from .fused import NormRecorder, StackedMatmul
 from .layers import linear_rule, register_rule
 
 ATTENTION_TARGETS = {
@@ -45,6 +46,8 @@ class StackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
+        # Set while a training step records per-example norms (see gradfilter.fused).
+        self.recorder: NormRecorder | None = None
 
     @property
     def members(self) -> int:
@@ -52,12 +55,9 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.members
-        lead = x.shape[:-1]
-        if lead[0] % m:
-            raise ValueError(f"{lead[0]} rows cannot be split between {m} members")
-        xb = x.reshape(m, -1, x.shape[-1]).to(self.weight.dtype)
-        y = torch.bmm(xb, self.weight.transpose(1, 2))
-        return y.reshape(*lead, self.weight.shape[1])
+        if x.shape[0] % m:
+            raise ValueError(f"{x.shape[0]} rows cannot be split between {m} members")
+        return StackedMatmul.apply(x.to(self.weight.dtype), self.weight, self.recorder)
 
 
 # Per row, the gradient of a member's slice is g (x) x, as for nn.Linear.
@@ -412,7 +412,8 @@ class LoRAEnsemble(nn.Module):
         optimizer: torch.optim.Optimizer,
         max_tokens: int | None = None,
         member_rows: Sequence[Sequence[int]] | None = None,
-    ) -> torch.Tensor:
+        record_norms: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step for all members, each on its own batch.
 
         member_batches: M tuples ``(input_ids, labels, attention_mask)`` of equal
@@ -422,6 +423,14 @@ class LoRAEnsemble(nn.Module):
         padded tokens, accumulating the same gradient.  With a prefix cache,
         ``member_rows`` (M lists of row indices) key the cached states; the
         forward starts at block ``layers_from``.  Returns the ``[M]`` losses.
+
+        ``record_norms=True`` also returns ``[M, B]`` float64: for each member and
+        row of its batch, the squared norm of the gradient of that row's own loss
+        (mean token cross-entropy of its response) with respect to the member's
+        LoRA parameters, at the parameters before the step and with the step's
+        dropout masks.  They come out of the step's own backward (the weight
+        gradient kernel returns them), not from an extra pass.  Rows with no
+        supervised token get NaN.
         """
         if len(member_batches) != self.members:
             raise ValueError(f"{len(member_batches)} batches for {self.members} members")
@@ -449,11 +458,19 @@ class LoRAEnsemble(nn.Module):
         self.train()
         self.base.eval()  # base dropout off; only the adapters' dropout is active
         total = torch.zeros(self.members, dtype=torch.float64)
+        sq_norms = torch.zeros(self.members, bsz, dtype=torch.float64) if record_norms else None
+        stacked = [m for m in self.adapters.modules() if isinstance(m, StackedLinear)]
         optimizer.zero_grad(set_to_none=True)
         try:
             with torch.enable_grad():
                 for r0 in range(0, bsz, rows):
                     sl = slice(r0, min(bsz, r0 + rows))
+                    recorder = None
+                    if record_norms:
+                        recorder = NormRecorder(self.members, sl.stop - sl.start,
+                                                valid=mask[:, sl].reshape(-1, seq).bool())
+                    for mod in stacked:
+                        mod.recorder = recorder
                     sums, _ = self.member_ce_sums(
                         ids[:, sl].reshape(-1, seq), labels[:, sl].reshape(-1, seq),
                         mask[:, sl].reshape(-1, seq),
@@ -463,11 +480,21 @@ class LoRAEnsemble(nn.Module):
                     )
                     (sums / counts).sum().backward()
                     total += sums.detach().double().cpu()
+                    if recorder is not None:
+                        sq_norms[:, sl] = recorder.sq
                 optimizer.step()
         finally:
+            for mod in stacked:
+                mod.recorder = None
             self.train(was)
         self.step += 1
-        return (total / counts.cpu()).float()
+        losses = (total / counts.cpu()).float()
+        if not record_norms:
+            return losses
+        # The step's loss weighs row i of member m by 1 / count_m; its own loss by 1 / n_i.
+        own = (labels[:, :, 1:] != -100).sum(-1).cpu().double()
+        scale = (counts.cpu().double().unsqueeze(1) / own).square()
+        return losses, torch.where(own > 0, sq_norms * scale, torch.full_like(sq_norms, float("nan")))
 
     # -- members ----------------------------------------------------------------------
 
