@@ -143,7 +143,7 @@ def _score(args: argparse.Namespace) -> int:
         method=args.method, proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=targets, lora_layers_from=args.lora_layers_from,
         prefix_cache=args.prefix_cache, epochs=args.epochs, early=args.early,
-        late=args.late, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
+        late=args.late, norms=args.norms, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
         max_length=args.max_length, seed=args.seed, template=args.template,
         reduction=args.reduction, drop=args.drop, spread=args.spread, of=args.of,
         ddof=args.ddof, eps=args.eps, fields=fields, checkpoint_seconds=args.checkpoint_seconds,
@@ -236,6 +236,10 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--early", type=int, default=1, help="early snapshot after this epoch")
     p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
+    p.add_argument("--norms", choices=["snapshot", "inflight"], default="snapshot",
+                   help="snapshot: eval-mode norm passes after epochs --early and --late; "
+                        "inflight: norms recorded by the training steps of those epochs (no "
+                        "extra pass; dropout active, parameters moving within the epoch)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=8, help="rows per member per step")
     p.add_argument("--token-budget", type=int, default=2048,

@@ -52,6 +52,10 @@ class ScoreConfig:
     epochs: int = 2
     early: int = 1
     late: int = 2
+    # "snapshot": norms from eval-mode passes after epochs early and late;
+    # "inflight": recorded by the training steps of epochs early and late themselves
+    # (same backward as the weight gradient; no extra pass, dropout active).
+    norms: str = "snapshot"
     lr: float = 2e-4
     batch_size: int = 8
     # Padded tokens in one folded forward/backward (all members together); bounds
@@ -102,6 +106,8 @@ class ScoreConfig:
             )
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.norms not in ("snapshot", "inflight"):
+            raise ValueError(f"norms must be 'snapshot' or 'inflight', got {self.norms!r}")
         self.gsnr_config()  # validates the G-SNR options
 
     def gsnr_config(self):
@@ -291,7 +297,7 @@ def score(
 
     ensemble = config.method in ENSEMBLE_METHODS
     n_epochs = (config.early if config.method == "grand" else config.epochs) if ensemble else 0
-    n_snaps = (1 if config.method == "grand" else 2) if ensemble else 0
+    n_snaps = (1 if config.method == "grand" else 2) if ensemble and config.norms == "snapshot" else 0
     steps_per_epoch = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
     # Snapshot passes fold all members into one batch; forward-only methods do not.
     per_pass = config.members if ensemble else 1
@@ -311,6 +317,8 @@ def score(
     work = (f"{n_epochs} epochs x {steps_per_epoch} steps and {n_snaps} snapshot passes x "
             f"{len(snaps)} batches, {config.members} members in each folded pass" if ensemble
             else f"forward passes over {len(snaps)} batches ({config.method})")
+    if ensemble and config.norms == "inflight":
+        work += f"; norms recorded in flight during epochs {config.early} and {config.late}"
     say(f"{plan['rows']} rows ({plan['scorable_rows']} scorable; {statuses}), "
         f"{plan['tokens']} tokens, {plan['truncated_rows']} truncated; plan: {work}")
     if dry_run:
@@ -407,6 +415,8 @@ def score(
         last_save = time.perf_counter()
 
     def due_snapshots() -> None:
+        if config.norms == "inflight":
+            return
         for which, after, target in (("early", config.early, early_sq), ("late", config.late, late_sq)):
             if which == "late" and config.method == "grand":
                 continue
@@ -422,10 +432,22 @@ def score(
         while state["step"] < len(schedule):
             step = schedule[state["step"]]
             batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
-            losses = ens.train_step(
+            targets = [arr for arr, at in ((early_sq, config.early), (late_sq, config.late))
+                       if config.norms == "inflight" and epoch + 1 == at]
+            out = ens.train_step(
                 batches, opt, max_tokens=config.token_budget,
                 member_rows=[[ok[j] for j in idx] for idx in step]
-                if ens.prefix_cache is not None else None)
+                if ens.prefix_cache is not None else None,
+                record_norms=bool(targets))
+            losses = out[0] if targets else out
+            if targets:
+                sq = out[1].numpy()  # [M, B], gradients of the rows' mean losses
+                for mi, idx in enumerate(step):
+                    vals = sq[mi, : len(idx)]
+                    if config.reduction == "sum":  # the sum's gradient is n times the mean's
+                        vals = vals * np.array([encoded[ok[j]].n_response_tokens for j in idx]) ** 2
+                    for arr in targets:
+                        arr[idx, mi] = vals
             seq = max(b[0].shape[1] for b in batches)
             real = sum(int(b[2].sum()) for b in batches)
             state["tokens"] += real
