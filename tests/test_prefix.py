@@ -9,13 +9,13 @@ import os
 
 import pytest
 import torch
+from test_engine import make_batch
 
 from gradfilter import LoRAEnsemble
 from gradfilter.ensemble import member_schedule
 from gradfilter.models import tiny_gpt2, tiny_llama, tiny_tokenizer
 from gradfilter.pipeline import ScoreConfig, score
 from gradfilter.prefix import PrefixCache, decoder_layers, run_from_layer
-from test_engine import make_batch
 
 KINDS = ["gpt2", "llama"]
 
@@ -277,8 +277,8 @@ def read(outdir):
 @pytest.mark.parametrize("kind", KINDS)
 def test_pipeline_scores_equal_uncached(tmp_path, kind):
     data = [{"instruction": i, "input": "", "output": o} for i, o in TEXTS]
-    cfg = dict(members=3, rank=2, alpha=4, epochs=2, batch_size=3, max_length=96, lr=5e-3,
-               dropout=0.1, lora_layers_from=1, token_budget=300)
+    cfg = {"members": 3, "rank": 2, "alpha": 4, "epochs": 2, "batch_size": 3, "max_length": 96,
+           "lr": 5e-3, "dropout": 0.1, "lora_layers_from": 1, "token_budget": 300}
     results = {}
     for cached in (False, True):
         out = tmp_path / f"out-{cached}"
@@ -299,7 +299,7 @@ def test_pipeline_scores_equal_uncached(tmp_path, kind):
 
 def test_layers_from_is_part_of_the_resume_identity(tmp_path):
     data = [{"instruction": i, "input": "", "output": o} for i, o in TEXTS]
-    cfg = dict(members=2, rank=2, epochs=2, batch_size=3, max_length=96)
+    cfg = {"members": 2, "rank": 2, "epochs": 2, "batch_size": 3, "max_length": 96}
     out = str(tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):
         score(data, out, ScoreConfig(**cfg, lora_layers_from=1), progress=False, stop_after=1,
