@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -300,9 +301,11 @@ void plan_direct(Problem<in_t>& pb) {
 // Elements of scratch space one thread needs (two accumulators, two stages).
 constexpr int64_t kScratch = 2 * kTileElems + 2 * kChunk * kTile;
 
-// ||tile (i, j) of G_e||^2 for the direct route.
+// Tile (i, j) of G_e, accumulated into scratch[0 : m x ldc] (row stride
+// ldc = pb.tile_n); m and n are the tile's actual rows and columns.
 template <typename in_t, typename T>
-GF_HOT double direct_item(const Problem<in_t>& pb, const Item& it, T* scratch) {
+GF_HOT void direct_tile(const Problem<in_t>& pb, const Item& it, T* scratch, int64_t& m_out,
+                        int64_t& n_out) {
   T* acc = scratch;
   T* su = acc + kTileElems;
   T* sv = su + kChunk * kTile;
@@ -331,7 +334,16 @@ GF_HOT double direct_item(const Problem<in_t>& pb, const Item& it, T* scratch) {
       tile_update(su, kTile, sv, kTile, kt, m, npad, acc, ldc);
     }
   }
-  return dot_tiles(acc, acc, m, n, ldc);
+  m_out = m;
+  n_out = n;
+}
+
+// ||tile (i, j) of G_e||^2 for the direct route.
+template <typename in_t, typename T>
+GF_HOT double direct_item(const Problem<in_t>& pb, const Item& it, T* scratch) {
+  int64_t m = 0, n = 0;
+  direct_tile<in_t, T>(pb, it, scratch, m, n);
+  return dot_tiles(scratch, scratch, m, n, pb.tile_n);
 }
 
 // Gram block (i, j) of one factor: C[0:hi, 0:hjpad] = X[rows_i] X[rows_j]^T.
@@ -507,12 +519,129 @@ at::Tensor outer_sq_norms_cpu(const at::Tensor& left, const at::Tensor& right,
   return out;
 }
 
+// The training pass: for every group g (a run of consecutive examples, e.g.
+// one ensemble member's batch) the summed gradient sum_{e in g} G_e, and for
+// every example ||G_e||^2, from the same direct-route tiles.  One work item is
+// (group, tile): it walks the group's examples in order, square-sums each
+// example's tile into its own slot and adds the tile to a float64 group sum,
+// so the result does not depend on the thread count.
+template <typename in_t>
+void run_fused(const Problem<in_t>& pb, bool swapped, const std::vector<int64_t>& groups,
+               int64_t n_examples, double* sq_out, double* grad_out, int64_t a, int64_t b) {
+  using T = at::opmath_type<in_t>;
+  const int64_t tiles_u = (pb.du + pb.tile_m - 1) / pb.tile_m;
+  const int64_t tiles_v = (pb.dv + pb.tile_n - 1) / pb.tile_n;
+  const int64_t n_tiles = tiles_u * tiles_v;
+  const int64_t n_groups = static_cast<int64_t>(groups.size()) - 1;
+  const int64_t n_items = n_groups * n_tiles;
+  std::vector<double> part(static_cast<size_t>(n_examples * n_tiles), 0.0);
+  int64_t work = pb.cu[n_examples] * pb.du * pb.dv;
+  int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_items));
+  if (work < kParallelMinWork) threads = 1;
+  threads = std::max(threads, 1);
+  std::vector<T> scratch(static_cast<size_t>(threads * kScratch));
+  std::vector<double> sums(static_cast<size_t>(threads * kTileElems));
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int64_t tid = omp_get_thread_num();
+    T* mine = scratch.data() + tid * kScratch;
+    double* total = sums.data() + tid * kTileElems;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_items; ++k) {
+      const int64_t g = k / n_tiles, tile = k % n_tiles;
+      const Item base{0, static_cast<int32_t>(tile / tiles_v), static_cast<int32_t>(tile % tiles_v)};
+      const int64_t p0 = int64_t(base.i) * pb.tile_m, q0 = int64_t(base.j) * pb.tile_n;
+      const int64_t m = std::min(pb.tile_m, pb.du - p0), n = std::min(pb.tile_n, pb.dv - q0);
+      const int64_t ld = pb.tile_n;
+      std::fill(total, total + m * ld, 0.0);
+      for (int64_t e = groups[g]; e < groups[g + 1]; ++e) {
+        if (pb.cu[e + 1] == pb.cu[e]) continue;
+        Item it = base;
+        it.example = e;
+        int64_t mm = 0, nn = 0;
+        direct_tile<in_t, T>(pb, it, mine, mm, nn);
+        part[e * n_tiles + tile] = dot_tiles(mine, mine, m, n, ld);
+        for (int64_t p = 0; p < m; ++p)
+          for (int64_t q = 0; q < n; ++q) total[p * ld + q] += static_cast<double>(mine[p * ld + q]);
+      }
+      double* out = grad_out + g * a * b;
+      for (int64_t p = 0; p < m; ++p)
+        for (int64_t q = 0; q < n; ++q) {
+          // u/v were swapped when the left factor is the wider one: G^T tiles.
+          if (swapped) out[(q0 + q) * b + (p0 + p)] = total[p * ld + q];
+          else out[(p0 + p) * b + (q0 + q)] = total[p * ld + q];
+        }
+    }
+  }
+  for (int64_t e = 0; e < n_examples; ++e) {
+    double acc = 0.0;
+    for (int64_t t = 0; t < n_tiles; ++t) acc += part[e * n_tiles + t];
+    sq_out[e] = acc;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> outer_grad_sq_norms_cpu(const at::Tensor& left,
+                                                           const at::Tensor& right,
+                                                           const at::Tensor& cu_seqlens,
+                                                           const at::Tensor& groups) {
+  check_inputs(left, right, cu_seqlens);
+  TORCH_CHECK_VALUE(groups.dim() == 1 && groups.size(0) >= 2,
+                    "outer_grad_sq_norms: groups must be a 1-D tensor [G + 1] with G >= 1, got "
+                    "shape ", groups.sizes());
+  TORCH_CHECK_TYPE(groups.scalar_type() == at::kLong || groups.scalar_type() == at::kInt,
+                   "outer_grad_sq_norms: groups must be int64 or int32, got ", groups.scalar_type());
+  TORCH_CHECK(groups.device().is_cpu() && groups.is_contiguous(),
+              "outer_grad_sq_norms: groups must be a contiguous CPU tensor");
+  const int64_t n_rows = left.size(0);
+  const std::vector<int64_t> cu = checked_offsets(cu_seqlens, n_rows);
+  const int64_t n_examples = static_cast<int64_t>(cu.size()) - 1;
+  std::vector<int64_t> g(static_cast<size_t>(groups.size(0)));
+  for (int64_t i = 0; i < groups.size(0); ++i)
+    g[i] = groups.scalar_type() == at::kLong ? groups.data_ptr<int64_t>()[i]
+                                             : groups.data_ptr<int32_t>()[i];
+  TORCH_CHECK_VALUE(g.front() == 0 && g.back() == n_examples,
+                    "outer_grad_sq_norms: groups must run from 0 to the number of examples ",
+                    n_examples, ", got ", g.front(), " .. ", g.back());
+  for (size_t i = 1; i < g.size(); ++i)
+    TORCH_CHECK_VALUE(g[i] >= g[i - 1], "outer_grad_sq_norms: groups must be non-decreasing");
+  const int64_t a = left.size(1), b = right.size(1);
+  const int64_t n_groups = static_cast<int64_t>(g.size()) - 1;
+  const auto out_dtype = left.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<double> sq(static_cast<size_t>(n_examples), 0.0);
+  std::vector<double> grad(static_cast<size_t>(n_groups * a * b), 0.0);
+  if (n_examples > 0 && n_rows > 0 && a > 0 && b > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, left.scalar_type(), "outer_grad_sq_norms", [&] {
+          const scalar_t* l = left.const_data_ptr<scalar_t>();
+          const scalar_t* r = right.const_data_ptr<scalar_t>();
+          Problem<scalar_t> pb{l, r, a, b, cu.data()};
+          const bool swapped = pb.du > pb.dv;
+          if (swapped) {
+            std::swap(pb.u, pb.v);
+            std::swap(pb.du, pb.dv);
+          }
+          plan_direct(pb);
+          run_fused<scalar_t>(pb, swapped, g, n_examples, sq.data(), grad.data(), a, b);
+        });
+  }
+  auto opts = left.options().dtype(at::kDouble);
+  at::Tensor sq_t = at::zeros({n_examples}, opts);
+  at::Tensor grad_t = at::zeros({n_groups, a, b}, opts);
+  std::copy(sq.begin(), sq.end(), sq_t.data_ptr<double>());
+  std::copy(grad.begin(), grad.end(), grad_t.data_ptr<double>());
+  return {grad_t.to(out_dtype), sq_t.to(out_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gradfilter_cpp, m) {
   m.def("outer_sq_norms(Tensor left, Tensor right, Tensor cu_seqlens, str route) -> Tensor");
+  m.def("outer_grad_sq_norms(Tensor left, Tensor right, Tensor cu_seqlens, Tensor groups) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gradfilter_cpp, CPU, m) {
   m.impl("outer_sq_norms", &outer_sq_norms_cpu);
+  m.impl("outer_grad_sq_norms", &outer_grad_sq_norms_cpu);
 }

@@ -35,7 +35,13 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["build_directory", "cpp_available", "load_cpp_ext", "outer_sq_norms_cpp"]
+__all__ = [
+    "build_directory",
+    "cpp_available",
+    "load_cpp_ext",
+    "outer_grad_sq_norms_cpp",
+    "outer_sq_norms_cpp",
+]
 
 NAME = "gradfilter_cpp"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -191,3 +197,24 @@ def outer_sq_norms_cpp(
             "use gradfilter.reference.outer_sq_norms_ref instead"
         )
     return torch.ops.gradfilter_cpp.outer_sq_norms(left, right, cu_seqlens, route)
+
+
+def outer_grad_sq_norms_cpp(
+    left: torch.Tensor, right: torch.Tensor, cu_seqlens: torch.Tensor, groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed gradient per group and per-example squared norms, in one pass.
+
+    left, right, cu_seqlens as for :func:`outer_sq_norms_cpp`; groups ``[G + 1]``
+    (int64 or int32, from 0 to B, non-decreasing) cuts the examples into G runs.
+    Returns ``(grad [G, a, b], sq [B])``, float32 (float64 for float64 input):
+    ``grad[g] = sum_{i in g} L_i^T R_i`` and ``sq[i] = ||L_i^T R_i||_F^2``.
+    """
+    for name, t in (("left", left), ("right", right), ("cu_seqlens", cu_seqlens), ("groups", groups)):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            raise RuntimeError(f"outer_grad_sq_norms_cpp needs CPU tensors, got {name} on {t.device}")
+    if load_cpp_ext() is None:
+        raise RuntimeError(
+            "gradfilter's C++ extension is not available (see the earlier warning); "
+            "use gradfilter.reference.outer_grad_sq_norms_ref instead"
+        )
+    return torch.ops.gradfilter_cpp.outer_grad_sq_norms(left, right, cu_seqlens, groups)

@@ -164,8 +164,9 @@ def grad_and_sq_norms(
     Returns ``(grad [G, a, b], sq [G, n])``: ``grad[g] = sum_i left[g,i]^T
     right[g,i]`` over the valid rows, the weight gradient, and ``sq[g, i] =
     ||left[g,i]^T right[g,i]||^2``, the squared norm of each example's share of
-    it.  Triton computes both in one kernel (per-example tiles stay on chip); the
-    other backends form the tiles of a block of examples with batched GEMMs.
+    it.  Triton and C++ compute both in one kernel (per-example tiles stay on
+    chip / in cache); the reference forms the tiles of a block of examples with
+    batched GEMMs.
     Results are in the compute dtype of the inputs.
     """
     if left.dim() != 4 or right.dim() != 4 or left.shape[:3] != right.shape[:3]:
@@ -179,8 +180,8 @@ def grad_and_sq_norms(
     if valid is not None and valid.shape != left.shape[:3]:
         raise ValueError(f"valid must be {tuple(left.shape[:3])}, got {tuple(valid.shape)}")
     which = backend(left.device)
-    if which == "triton" and left.dtype in _TRITON_DTYPES and left.dtype == right.dtype:
-        from gradfilter.kernels.lora_norms import outer_grad_sq_norms
+    packed_ok = {"triton": _TRITON_DTYPES, "cpp": _TRITON_DTYPES + (torch.float64,)}.get(which, ())
+    if left.dtype in packed_ok and left.dtype == right.dtype:
 
         if valid is None:
             lrows, rrows = left.reshape(-1, a), right.reshape(-1, b)
@@ -192,7 +193,14 @@ def grad_and_sq_norms(
         cu = torch.zeros(groups * n + 1, dtype=torch.int64, device=left.device)
         cu[1:] = lengths.cumsum(0)
         cuts = torch.arange(groups + 1, dtype=torch.int64, device=left.device) * n
-        grad, sq = outer_grad_sq_norms(lrows, rrows, cu, cuts, max_seqlen=seq)
+        if which == "triton":
+            from gradfilter.kernels.lora_norms import outer_grad_sq_norms
+
+            grad, sq = outer_grad_sq_norms(lrows, rrows, cu, cuts, max_seqlen=seq)
+        else:
+            from ._ext import outer_grad_sq_norms_cpp
+
+            grad, sq = outer_grad_sq_norms_cpp(lrows.contiguous(), rrows.contiguous(), cu, cuts)
         return grad.to(dtype), sq.reshape(groups, n).to(dtype)
     left, right = left.to(dtype), right.to(dtype)
     if valid is not None and not bool(valid.all()):

@@ -132,10 +132,20 @@ def test_reference_matches_oracle_with_blocking(monkeypatch):
         assert torch.allclose(grad, want_grad, rtol=1e-12) and torch.allclose(sq, want_sq, rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+def _cpp_or_skip():
+    from gradfilter import _ext
+
+    if not _ext.cpp_available():
+        pytest.skip("the C++ extension cannot be built here")
+    return _ext
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_seam_each_backend(monkeypatch, backend):
+    if backend == "cpp":
+        _cpp_or_skip()
     monkeypatch.setenv("GRADFILTER_BACKEND", backend)
-    dtype = torch.float64 if backend == "reference" else torch.float32
+    dtype = torch.float32 if backend == "triton" else torch.float64
     left, right, valid = padded(2, 4, 11, 8, 20, seed=8, dtype=dtype)
     want_grad, want_sq = padded_oracle(left.double(), right.double(), valid)
     grad, sq = ops.grad_and_sq_norms(left, right, valid)
@@ -145,6 +155,40 @@ def test_seam_each_backend(monkeypatch, backend):
     all_grad, all_sq = ops.grad_and_sq_norms(left, right)  # no mask: every row counts
     want_all = padded_oracle(left.double(), right.double(), torch.ones_like(valid))
     assert rel(all_grad, want_all[0]) < tol and rel(all_sq, want_all[1]) < tol
+
+
+@pytest.mark.parametrize("lengths,groups,a,b", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_op_matches_loop(lengths, groups, a, b, dtype):
+    ext = _cpp_or_skip()
+    left, right, cu = packed(lengths, a, b, seed=len(lengths) + a + 1, dtype=dtype)
+    grad, sq = ext.outer_grad_sq_norms_cpp(left, right, cu, torch.tensor(groups))
+    want_grad, want_sq = loop_grad_sq(left.double(), right.double(), cu, groups)
+    assert grad.dtype == sq.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel(grad, want_grad) < tol
+    assert torch.allclose(sq.double(), want_sq, rtol=tol, atol=1e-9)
+
+
+def test_cpp_op_deterministic_across_thread_counts_and_checks_groups():
+    ext = _cpp_or_skip()
+    left, right, cu = packed([300, 2, 0, 513, 64], 8, 768, seed=21)
+    g = torch.tensor([0, 2, 5], dtype=torch.int32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.outer_grad_sq_norms_cpp(left, right, cu, g)
+        torch.set_num_threads(2)
+        two = ext.outer_grad_sq_norms_cpp(left, right, cu, g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    with pytest.raises(ValueError, match="run from 0"):
+        ext.outer_grad_sq_norms_cpp(left, right, cu, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ext.outer_grad_sq_norms_cpp(left, right, cu, torch.tensor([0, 3, 2, 5]))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        ext.outer_grad_sq_norms_cpp(left, right, cu, torch.tensor([0.0, 5.0]))
 
 
 def test_seam_bad_shapes():
@@ -379,9 +423,12 @@ def test_rows_without_response_get_nan():
     assert torch.isnan(sq[1, 1]) and bool(torch.isfinite(sq[0]).all()) and torch.isfinite(sq[1, 0])
 
 
-def test_recorded_norms_with_triton_backend(monkeypatch):
-    """The same step through the fused Triton kernel (interpreter on CPU), float32."""
-    monkeypatch.setenv("GRADFILTER_BACKEND", "triton")
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_recorded_norms_with_kernel_backends(monkeypatch, backend):
+    """The same step through the fused Triton kernel (interpreter on CPU) or the
+    C++ op, float32."""
+    if backend == "cpp":
+        _cpp_or_skip()
     torch.manual_seed(0)
     base = tiny_llama(vocab_size=96)
     ens = LoRAEnsemble(base, members=2, r=4, alpha=8, dropout=0.0, seed=2)
@@ -393,6 +440,6 @@ def test_recorded_norms_with_triton_backend(monkeypatch):
     want = torch.stack([
         ens.per_example_grad_norms(ids, labels, mask)[m] for m, (ids, labels, mask) in enumerate(batches)
     ]).double().square()
-    monkeypatch.setenv("GRADFILTER_BACKEND", "triton")
+    monkeypatch.setenv("GRADFILTER_BACKEND", backend)
     _, sq = ens.train_step(batches, ens.make_optimizer(), record_norms=True)
     assert torch.allclose(sq, want, rtol=1e-4)
