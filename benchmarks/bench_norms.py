@@ -60,16 +60,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gradfilter import LoRAEnsemble, per_example_grad_norms
-from gradfilter import ops
+from gradfilter import LoRAEnsemble, ops, per_example_grad_norms
 from gradfilter import reference as ref
-from gradfilter.layers import Factor
 from gradfilter.baselines import (
     functorch_per_example_grad_norms,
     loop_per_example_grad_norms,
     opacus_ghost_norms,
     opacus_per_example_grad_norms,
 )
+from gradfilter.layers import Factor
 
 FULL = os.environ.get("GRADFILTER_BENCH_FULL") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +88,7 @@ def _common_info() -> dict:
 
 def _proc_status_mib(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
     if m is None:
         raise OSError(f"no {field} in /proc/self/status")
     return int(m.group(1)) / 1024
@@ -329,10 +328,10 @@ def test_model_norms(benchmark, provider, model_key, bsz, seq):
 # dominate; "tiny" is where per-operation overhead does (kernel launches on a GPU,
 # dispatcher and Python on a CPU), which folding the members into one pass removes.
 ENSEMBLE_MODELS = {
-    "small": ("small GPT-2 (4 x 128)", dict(n_layer=4, n_embd=128, n_head=4, vocab_size=512,
-                                            n_positions=256), 8, 128, 3),
-    "tiny": ("tiny GPT-2 (2 x 64)", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512,
-                                         n_positions=64), 4, 32, 20),
+    "small": ("small GPT-2 (4 x 128)", {"n_layer": 4, "n_embd": 128, "n_head": 4,
+                                        "vocab_size": 512, "n_positions": 256}, 8, 128, 3),
+    "tiny": ("tiny GPT-2 (2 x 64)", {"n_layer": 2, "n_embd": 64, "n_head": 4,
+                                     "vocab_size": 512, "n_positions": 64}, 4, 32, 20),
 }
 
 

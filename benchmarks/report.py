@@ -119,7 +119,7 @@ def targets(paths: list[str], stat: str = "median") -> str:
             elif level == "model" and gf and "plain-step" in g:
                 plain = g["plain-step"]
 
-                def overhead(row: dict) -> float:
+                def overhead(row: dict, plain: dict = plain) -> float:
                     # the paired measure when there is one (robust to load drift between tests)
                     paired = row.get("paired_ratio_median")
                     return (paired if paired is not None else row["t"] / plain["t"]) - 1
