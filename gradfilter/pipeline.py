@@ -396,7 +396,7 @@ def score(
             idx = snaps[bi]
             ids, labels, mask = _collate(encoded, [ok[j] for j in idx], pad_id)
             norms = ens.per_example_grad_norms(
-                ids, labels, mask, reduction=config.reduction,
+                ids, labels, mask, reduction=config.reduction, max_tokens=config.token_budget or 0,
                 rows=[ok[j] for j in idx] if ens.prefix_cache is not None else None)
             target[idx] = (norms.double() ** 2).T.numpy()
             state["tokens"] += int(mask.sum()) * m

@@ -154,3 +154,32 @@ def test_half_precision_base_keeps_float32_adapters():
     b = half.per_example_grad_norms(ids, labels, mask)
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     assert ((a - b).abs() / a).max() < 0.1  # bf16 activations: about 1e-2 relative
+
+
+def test_norm_pass_in_chunks_equals_one_pass():
+    from gradfilter.models import tiny_llama
+
+    base = tiny_llama(dtype=torch.float64)
+    ens = LoRAEnsemble(base, members=3, r=4, alpha=8, seed=1)
+    with torch.no_grad():
+        for ad in ens.adapters.values():
+            ad.lora_B.weight.normal_(std=0.05)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 90, (5, 9), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels[2, 6:] = -100
+    whole = ens.per_example_grad_norms(ids, labels, mask, max_tokens=0)
+    for budget in (1, 3 * 9 * 2, 10_000, None):  # 1 row, 2 rows, everything, the default
+        got = ens.per_example_grad_norms(ids, labels, mask, max_tokens=budget)
+        assert got.shape == (3, 5)
+        assert torch.allclose(got, whole, rtol=1e-6)
+    per = ens.per_example_grad_norms(ids, labels, mask, per_param=True, max_tokens=1)
+    per_whole = ens.per_example_grad_norms(ids, labels, mask, per_param=True, max_tokens=0)
+    assert per.keys() == per_whole.keys()
+    for k in per:
+        assert torch.allclose(per[k], per_whole[k], rtol=1e-6)
+    with pytest.raises(ValueError, match="row indices"):
+        ens.per_example_grad_norms(ids, labels, mask, rows=[0, 1])
