@@ -175,6 +175,20 @@ def cpp_available() -> bool:
     return load_cpp_ext() is not None
 
 
+def _require(op: str, twin: str, **tensors: torch.Tensor) -> None:
+    """CPU tensors and a loaded extension, or a clear error."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            # The ops have CPU kernels only; without this check the dispatcher
+            # reports a missing kernel for the tensor's backend instead.
+            raise RuntimeError(f"{op} needs CPU tensors, got {name} on {t.device}")
+    if load_cpp_ext() is None:
+        raise RuntimeError(
+            "gradfilter's C++ extension is not available (see the earlier warning); "
+            f"use gradfilter.reference.{twin} instead"
+        )
+
+
 def outer_sq_norms_cpp(
     left: torch.Tensor, right: torch.Tensor, cu_seqlens: torch.Tensor, route: str
 ) -> torch.Tensor:
@@ -186,16 +200,8 @@ def outer_sq_norms_cpp(
     ``"ghost"`` (alias ``"gram"``).  Returns float32 ``[B]`` (float64 for
     float64 input).  Raises RuntimeError when the extension is unavailable.
     """
-    for name, t in (("left", left), ("right", right), ("cu_seqlens", cu_seqlens)):
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-            # The op has a CPU kernel only; without this check the dispatcher
-            # reports a missing kernel for the tensor's backend instead.
-            raise RuntimeError(f"outer_sq_norms_cpp needs CPU tensors, got {name} on {t.device}")
-    if load_cpp_ext() is None:
-        raise RuntimeError(
-            "gradfilter's C++ extension is not available (see the earlier warning); "
-            "use gradfilter.reference.outer_sq_norms_ref instead"
-        )
+    _require("outer_sq_norms_cpp", "outer_sq_norms_ref",
+             left=left, right=right, cu_seqlens=cu_seqlens)
     return torch.ops.gradfilter_cpp.outer_sq_norms(left, right, cu_seqlens, route)
 
 
@@ -209,12 +215,6 @@ def outer_grad_sq_norms_cpp(
     Returns ``(grad [G, a, b], sq [B])``, float32 (float64 for float64 input):
     ``grad[g] = sum_{i in g} L_i^T R_i`` and ``sq[i] = ||L_i^T R_i||_F^2``.
     """
-    for name, t in (("left", left), ("right", right), ("cu_seqlens", cu_seqlens), ("groups", groups)):
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-            raise RuntimeError(f"outer_grad_sq_norms_cpp needs CPU tensors, got {name} on {t.device}")
-    if load_cpp_ext() is None:
-        raise RuntimeError(
-            "gradfilter's C++ extension is not available (see the earlier warning); "
-            "use gradfilter.reference.outer_grad_sq_norms_ref instead"
-        )
+    _require("outer_grad_sq_norms_cpp", "outer_grad_sq_norms_ref",
+             left=left, right=right, cu_seqlens=cu_seqlens, groups=groups)
     return torch.ops.gradfilter_cpp.outer_grad_sq_norms(left, right, cu_seqlens, groups)

@@ -89,6 +89,33 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
+def _accumulate_rows(
+    acc, left_ptr, right_ptr, row0, n_rows, offs_a, offs_b, mask_a, mask_b,
+    stride_lm, stride_la, stride_rm, stride_rb,
+    BLOCK_T: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``acc + L[row0 : row0 + n_rows, a_blk]^T R[row0 : row0 + n_rows, b_blk]``, in
+    steps of ``BLOCK_T`` rows (fp32 accumulation)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    for t in range(0, n_rows, BLOCK_T):
+        rows = row0 + t + offs_t
+        mask_t = (t + offs_t) < n_rows
+        l_tile = tl.load(
+            left_ptr + rows[:, None] * stride_lm + offs_a[None, :] * stride_la,
+            mask=mask_t[:, None] & mask_a[None, :],
+            other=0.0,
+        )
+        r_tile = tl.load(
+            right_ptr + rows[:, None] * stride_rm + offs_b[None, :] * stride_rb,
+            mask=mask_t[:, None] & mask_b[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(l_tile), r_tile, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _outer_sq_norm_direct_kernel(
     left_ptr,
     right_ptr,
@@ -142,25 +169,14 @@ def _outer_sq_norm_direct_kernel(
 
     offs_a = tile_a * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = tile_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_t = tl.arange(0, BLOCK_T)
     mask_a = offs_a < a
     mask_b = offs_b < b
 
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for t in range(0, n_rows, BLOCK_T):
-        rows = row0 + t + offs_t
-        mask_t = (t + offs_t) < n_rows
-        l_tile = tl.load(
-            left_ptr + rows[:, None] * stride_lm + offs_a[None, :] * stride_la,
-            mask=mask_t[:, None] & mask_a[None, :],
-            other=0.0,
-        )
-        r_tile = tl.load(
-            right_ptr + rows[:, None] * stride_rm + offs_b[None, :] * stride_rb,
-            mask=mask_t[:, None] & mask_b[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(tl.trans(l_tile), r_tile, acc, input_precision=INPUT_PRECISION)
+    acc = _accumulate_rows(
+        tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32), left_ptr, right_ptr, row0, n_rows,
+        offs_a, offs_b, mask_a, mask_b, stride_lm, stride_la, stride_rm, stride_rb,
+        BLOCK_T, INPUT_PRECISION,
+    )
 
     if SPLIT_T:
         tl.store(
@@ -321,7 +337,6 @@ def _outer_grad_sq_norm_kernel(
 
     offs_a = tile_a * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = tile_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_t = tl.arange(0, BLOCK_T)
     mask_a = offs_a < a
     mask_b = offs_b < b
 
@@ -329,21 +344,11 @@ def _outer_grad_sq_norm_kernel(
     for example in range(e0, e1):
         start = tl.load(cu_ptr + example).to(tl.int64)
         n_rows = (tl.load(cu_ptr + example + 1).to(tl.int64) - start).to(tl.int32)
-        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-        for t in range(0, n_rows, BLOCK_T):
-            rows = start + t + offs_t
-            mask_t = (t + offs_t) < n_rows
-            l_tile = tl.load(
-                left_ptr + rows[:, None] * stride_lm + offs_a[None, :] * stride_la,
-                mask=mask_t[:, None] & mask_a[None, :],
-                other=0.0,
-            )
-            r_tile = tl.load(
-                right_ptr + rows[:, None] * stride_rm + offs_b[None, :] * stride_rb,
-                mask=mask_t[:, None] & mask_b[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(tl.trans(l_tile), r_tile, acc, input_precision=INPUT_PRECISION)
+        acc = _accumulate_rows(
+            tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32), left_ptr, right_ptr, start, n_rows,
+            offs_a, offs_b, mask_a, mask_b, stride_lm, stride_la, stride_rm, stride_rb,
+            BLOCK_T, INPUT_PRECISION,
+        )
         tl.store(sq_ptr + example * stride_se + tile, tl.sum(acc * acc))
         total += acc
 

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from test_engine import make_batch
+from test_ensemble import collate
 
 from gradfilter import LoRAEnsemble
 from gradfilter.ensemble import member_schedule
@@ -57,15 +58,6 @@ def rows_dataset(n=16, seq=11, seed=0):
     return rows
 
 
-def collate(rows, idx):
-    seq = max(rows[i][0].shape[0] for i in idx)
-    ids = torch.zeros(len(idx), seq, dtype=torch.long)
-    labels = torch.full((len(idx), seq), -100)
-    mask = torch.zeros(len(idx), seq, dtype=torch.long)
-    for j, i in enumerate(idx):
-        n = rows[i][0].shape[0]
-        ids[j, :n], labels[j, :n], mask[j, :n] = rows[i][0], rows[i][1], 1
-    return ids, labels, mask
 
 
 def assert_equal_tight(got, want, rtol=1e-10):
