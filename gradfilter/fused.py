@@ -50,12 +50,20 @@ class NormRecorder:
             )
         self.members, self.rows = members, rows
         self.valid = None if valid is None else valid.bool()
-        self.sq = torch.zeros(members, rows, dtype=torch.float64)
+        self._sq: torch.Tensor | None = None  # summed on the gradients' device
         self.layers = 0
 
     def add(self, sq: torch.Tensor) -> None:
-        self.sq += sq.detach().to("cpu", torch.float64)
+        sq = sq.detach().to(torch.float64)
+        self._sq = sq if self._sq is None else self._sq + sq
         self.layers += 1
+
+    @property
+    def sq(self) -> torch.Tensor:
+        """``[members, rows]`` float64 on the CPU (zeros before any layer reported)."""
+        if self._sq is None:
+            return torch.zeros(self.members, self.rows, dtype=torch.float64)
+        return self._sq.cpu()
 
 
 def _member_blocks(t: torch.Tensor, members: int) -> torch.Tensor:

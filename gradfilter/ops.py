@@ -59,8 +59,7 @@ def _outer_packed(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype
     left = torch.cat([f.left for f in factors], dim=1)[masks]
     right = torch.cat([f.right for f in factors], dim=1)[masks]
     lengths = masks.sum(1)
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=left.device)
-    cu[1:] = lengths.cumsum(0)
+    cu = _cu_seqlens(lengths)
     if which == "triton":
         from gradfilter.kernels.lora_norms import outer_sq_norms
 
@@ -70,6 +69,13 @@ def _outer_packed(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype
     a, b = left.shape[-1], right.shape[-1]
     route = ref.choose_route(int(lengths.float().mean().item()) if lengths.numel() else 0, a, b)
     return outer_sq_norms_cpp(left.contiguous(), right.contiguous(), cu, route).to(dtype)
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    """``[0, l0, l0 + l1, ...]`` (int64): example i owns packed rows ``cu[i] : cu[i + 1]``."""
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    return cu
 
 
 def _rows(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -190,8 +196,7 @@ def grad_and_sq_norms(
             flat = valid.reshape(-1, seq)
             lrows, rrows = left.reshape(-1, seq, a)[flat], right.reshape(-1, seq, b)[flat]
             lengths = flat.sum(1)
-        cu = torch.zeros(groups * n + 1, dtype=torch.int64, device=left.device)
-        cu[1:] = lengths.cumsum(0)
+        cu = _cu_seqlens(lengths)
         cuts = torch.arange(groups + 1, dtype=torch.int64, device=left.device) * n
         if which == "triton":
             from gradfilter.kernels.lora_norms import outer_grad_sq_norms

@@ -160,6 +160,7 @@ class PrefixCache:
                     )
         self.model = model
         self.layers_from = layers_from
+        self._layers = layers
         self._states: dict[int, torch.Tensor] = {}
         self._ids: dict[int, torch.Tensor] = {}
         self.computed_rows = 0  # rows whose prefix was run (cache misses)
@@ -179,7 +180,7 @@ class PrefixCache:
     def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]``: the input of block k for a right-padded batch, uncached
         (eval mode, no adapters' state involved)."""
-        _, _, _, layers = decoder_layers(self.model)
+        layers = self._layers
         captured: list[torch.Tensor] = []
 
         def grab(module: nn.Module, args: tuple, kwargs: dict):

@@ -656,6 +656,12 @@ def _auto_rows_per_program(
     return max(MIN_SPLIT_ROWS, triton.next_power_of_2(triton.cdiv(max_len, chunks)))
 
 
+def _check_config(cfg: triton.Config, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
+            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+
+
 def _launch_options(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
@@ -704,9 +710,7 @@ def outer_sq_norms_direct(
     split = n_chunks > 1
     tuned = config is None and _use_autotune(autotune)
     cfg = config if config is not None else fixed_config("direct", a, b, max_len)
-    for key in ("BLOCK_A", "BLOCK_B", "BLOCK_T"):
-        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
-            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+    _check_config(cfg, ("BLOCK_A", "BLOCK_B", "BLOCK_T"))
 
     if split:
         # Every (example, chunk, a, b) element is written by exactly one program.
@@ -773,9 +777,7 @@ def outer_sq_norms_gram(
 
     tuned = config is None and _use_autotune(autotune)
     cfg = config if config is not None else fixed_config("ghost", a, b, max_len)
-    for key in ("BLOCK_T", "BLOCK_K"):
-        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
-            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+    _check_config(cfg, ("BLOCK_T", "BLOCK_K"))
 
     def n_pairs(block_t: int) -> int:
         blocks = triton.cdiv(max_len, block_t)
@@ -914,9 +916,7 @@ def outer_grad_sq_norms(
     n_chunks = max(1, triton.cdiv(largest, epp))
     tuned = config is None and _use_autotune(autotune)
     cfg = config if config is not None else fixed_config("direct", a, b, max_len)
-    for key in ("BLOCK_A", "BLOCK_B", "BLOCK_T"):
-        if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
-            raise ValueError(f"config needs {key} >= {MIN_DOT}, got {cfg.kwargs.get(key)}")
+    _check_config(cfg, ("BLOCK_A", "BLOCK_B", "BLOCK_T"))
 
     cands = autotune_configs("direct") if tuned else [cfg]
     slots = triton.cdiv(a, min(c.kwargs["BLOCK_A"] for c in cands)) * triton.cdiv(
