@@ -437,6 +437,7 @@ class LoRAEnsemble(nn.Module):
         max_tokens: int | None = None,
         member_rows: Sequence[Sequence[int]] | None = None,
         record_norms: bool = False,
+        reduction: str = "mean",
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step for all members, each on its own batch.
 
@@ -450,7 +451,8 @@ class LoRAEnsemble(nn.Module):
 
         ``record_norms=True`` also returns ``[M, B]`` float64: for each member and
         row of its batch, the squared norm of the gradient of that row's own loss
-        (mean token cross-entropy of its response) with respect to the member's
+        (the mean token cross-entropy of its response, or the sum with
+        ``reduction="sum"``; training itself is unaffected) with respect to the member's
         LoRA parameters, at the parameters before the step and with the step's
         dropout masks.  They come out of the step's own backward (the weight
         gradient kernel returns them), not from an extra pass.  Rows with no
@@ -458,6 +460,8 @@ class LoRAEnsemble(nn.Module):
         """
         if len(member_batches) != self.members:
             raise ValueError(f"{len(member_batches)} batches for {self.members} members")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         bsz = member_batches[0][0].shape[0]
         if any(b[0].shape[0] != bsz for b in member_batches):
             raise ValueError("every member needs a batch of the same size")
@@ -515,9 +519,12 @@ class LoRAEnsemble(nn.Module):
         losses = (total / counts.cpu()).float()
         if not record_norms:
             return losses
-        # The step's loss weighs row i of member m by 1 / count_m; its own loss by 1 / n_i.
+        # The step's loss weighs row i of member m by 1 / count_m; its own loss by
+        # 1 / n_i (mean) or 1 (sum).
         own = (labels[:, :, 1:] != -100).sum(-1).cpu().double()
-        scale = (counts.cpu().double().unsqueeze(1) / own).square()
+        scale = counts.cpu().double().unsqueeze(1).square()
+        if reduction == "mean":
+            scale = scale / own.square()
         return losses, torch.where(own > 0, sq_norms * scale, torch.full_like(sq_norms, float("nan")))
 
     # -- members ----------------------------------------------------------------------

@@ -438,16 +438,13 @@ def score(
                 batches, opt, max_tokens=config.token_budget,
                 member_rows=[[ok[j] for j in idx] for idx in step]
                 if ens.prefix_cache is not None else None,
-                record_norms=bool(targets))
+                record_norms=bool(targets), reduction=config.reduction)
             losses = out[0] if targets else out
             if targets:
-                sq = out[1].numpy()  # [M, B], gradients of the rows' mean losses
+                sq = out[1].numpy()  # [M, B], of each row's own loss (config.reduction)
                 for mi, idx in enumerate(step):
-                    vals = sq[mi, : len(idx)]
-                    if config.reduction == "sum":  # the sum's gradient is n times the mean's
-                        vals = vals * np.array([encoded[ok[j]].n_response_tokens for j in idx]) ** 2
                     for arr in targets:
-                        arr[idx, mi] = vals
+                        arr[idx, mi] = sq[mi, : len(idx)]
             seq = max(b[0].shape[1] for b in batches)
             real = sum(int(b[2].sum()) for b in batches)
             state["tokens"] += real
