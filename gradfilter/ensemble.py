@@ -373,14 +373,16 @@ class LoRAEnsemble(nn.Module):
             device = next(self.adapters.parameters()).device
             max_tokens = 0 if device.type == "cuda" else 2048
         step = bsz if not max_tokens else max(1, min(bsz, max_tokens // (self.members * seq)))
-        if rows is not None and len(rows) != bsz:
-            raise ValueError(f"{len(rows)} row indices for a batch of {bsz}")
+        if rows is not None:
+            rows = list(rows)
+            if len(rows) != bsz:
+                raise ValueError(f"{len(rows)} row indices for a batch of {bsz}")
         parts = []
         for r0 in range(0, bsz, step):
             sl = slice(r0, min(bsz, r0 + step))
             parts.append(self._norms_pass(
                 input_ids[sl], labels[sl], None if attention_mask is None else attention_mask[sl],
-                reduction, per_param, None if rows is None else list(rows)[sl]))
+                reduction, per_param, None if rows is None else rows[sl]))
         if per_param:
             return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
         return torch.cat(parts, dim=1)
