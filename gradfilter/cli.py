@@ -2,6 +2,7 @@
 
 ``gradfilter score [DATA] -o OUTDIR``   G-SNR scores of every row (DATA defaults
                                         to the shipped demo set)
+``gradfilter rescore OUTDIR``           scores again from the stored norms
 ``gradfilter select OUTDIR --ratio R``  the top rows, in the input's own format
 ``gradfilter demo`` / ``norms FILE``    per-example gradient norms only
 """
@@ -15,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from .gsnr import FORMULAS
 from .methods import METHODS
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
@@ -143,7 +145,8 @@ def _score(args: argparse.Namespace) -> int:
         method=args.method, proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=targets, lora_layers_from=args.lora_layers_from,
         prefix_cache=args.prefix_cache, epochs=args.epochs, early=args.early,
-        late=args.late, norms=args.norms, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
+        late=args.late, snapshots=_snapshots(args.snapshots, args.epochs),
+        warmup_steps=args.warmup_steps, formula=args.formula, norms=args.norms, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
         max_length=args.max_length, seed=args.seed, template=args.template,
         reduction=args.reduction, drop=args.drop, spread=args.spread, of=args.of,
         ddof=args.ddof, eps=args.eps, fields=fields, checkpoint_seconds=args.checkpoint_seconds,
@@ -163,6 +166,34 @@ def _score(args: argparse.Namespace) -> int:
           f"padding {100 * run['padding_fraction']:.1f}%); wrote {args.output}/scores.jsonl, "
           f"run.json and plots")
     _show(result, args.show)
+    return 0
+
+
+def _snapshots(text: str | None, epochs: int) -> list[int] | None:
+    if text is None:
+        return None
+    if text == "all":
+        return list(range(1, epochs + 1))
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--snapshots expects epochs like 1,2,4 or 'all', got {text!r}") from None
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    from .pipeline import rescore
+
+    opts = {k: getattr(args, k) for k in ("formula", "early", "late", "method", "drop", "spread",
+                                          "of", "ddof", "eps")}
+    try:
+        result = rescore(args.outdir, output=args.output, **opts)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = result.run["config"]
+    print(f"rescored {sum(r['score'] is not None for r in result.records)} rows "
+          f"({c['method']}, formula {c['formula']}, early epoch {c['early']}, late epoch {c['late']}); "
+          f"wrote {result.outdir}/scores.jsonl")
     return 0
 
 
@@ -236,6 +267,13 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--early", type=int, default=1, help="early snapshot after this epoch")
     p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
+    p.add_argument("--snapshots", default=None, metavar="EPOCHS",
+                   help="epochs whose norms are kept in OUTDIR/norms.npz, e.g. 1,2,3 or all "
+                        "(default: early and late); rescore can then use any of them")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                   help="optimizer steps trained before epoch 1, nothing recorded")
+    p.add_argument("--formula", choices=list(FORMULAS), default="paper",
+                   help="paper: D / (V + eps); log_cv, snr_cv, rank: scale-free (see docs)")
     p.add_argument("--norms", choices=["snapshot", "inflight"], default="snapshot",
                    help="snapshot: eval-mode norm passes after epochs --early and --late; "
                         "inflight: norms recorded by the training steps of those epochs (no "
@@ -264,6 +302,21 @@ def _add_score_parser(sub: Any) -> None:
                    help="save the resumable state at most this often (default 60)")
     p.add_argument("--show", type=int, default=5, help="print the top and bottom N rows")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("rescore", help="recompute scores and ranks of a finished run from "
+                                       "its stored norms (no model, seconds)")
+    p.add_argument("outdir")
+    p.add_argument("-o", "--output", default=None, help="write here instead of OUTDIR")
+    p.add_argument("--formula", choices=list(FORMULAS), default=None)
+    p.add_argument("--early", type=int, default=None)
+    p.add_argument("--late", type=int, default=None)
+    p.add_argument("--method", choices=["gsnr", "drop", "late_var", "grand"], default=None)
+    p.add_argument("--drop", choices=["normalized", "log_ratio", "unnormalized"], default=None)
+    p.add_argument("--spread", choices=["var", "std"], default=None)
+    p.add_argument("--of", choices=["squared", "norm"], default=None)
+    p.add_argument("--ddof", type=int, choices=[0, 1], default=None)
+    p.add_argument("--eps", type=float, default=None)
+    p.set_defaults(func=_rescore)
 
     p = sub.add_parser("select", help="write the top rows of a scored run")
     p.add_argument("outdir")

@@ -43,9 +43,10 @@ LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 class StackedLinear(nn.Module):
     """M bias-free linear maps ``[M, out, in]`` applied to member-major row blocks."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, part: str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
+        self.part = part  # the name its norms are also summed under ("A" / "B")
         # Set while a training step records per-example norms (see gradfilter.fused).
         self.recorder: NormRecorder | None = None
 
@@ -57,7 +58,7 @@ class StackedLinear(nn.Module):
         m = self.members
         if x.shape[0] % m:
             raise ValueError(f"{x.shape[0]} rows cannot be split between {m} members")
-        return StackedMatmul.apply(x.to(self.weight.dtype), self.weight, self.recorder)
+        return StackedMatmul.apply(x.to(self.weight.dtype), self.weight, self.recorder, self.part)
 
 
 # Per row, the gradient of a member's slice is g (x) x, as for nn.Linear.
@@ -69,8 +70,8 @@ class _Adapter(nn.Module):
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float) -> None:
         super().__init__()
-        self.lora_A = StackedLinear(a)
-        self.lora_B = StackedLinear(b)
+        self.lora_A = StackedLinear(a, "A")
+        self.lora_B = StackedLinear(b, "B")
         self.scaling = scaling
         self.dropout = dropout
 
@@ -440,7 +441,8 @@ class LoRAEnsemble(nn.Module):
         member_rows: Sequence[Sequence[int]] | None = None,
         record_norms: bool = False,
         reduction: str = "mean",
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        by_factor: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """One optimiser step for all members, each on its own batch.
 
         member_batches: M tuples ``(input_ids, labels, attention_mask)`` of equal
@@ -458,7 +460,9 @@ class LoRAEnsemble(nn.Module):
         LoRA parameters, at the parameters before the step and with the step's
         dropout masks.  They come out of the step's own backward (the weight
         gradient kernel returns them), not from an extra pass.  Rows with no
-        supervised token get NaN.
+        supervised token get NaN.  With ``by_factor=True`` a third value follows:
+        ``{"A": [M, B], "B": [M, B]}``, the same squared norms restricted to the
+        ``lora_A`` and to the ``lora_B`` factors (they add up to the total).
         """
         if len(member_batches) != self.members:
             raise ValueError(f"{len(member_batches)} batches for {self.members} members")
@@ -489,6 +493,7 @@ class LoRAEnsemble(nn.Module):
         self.base.eval()  # base dropout off; only the adapters' dropout is active
         total = torch.zeros(self.members, dtype=torch.float64)
         sq_norms = torch.zeros(self.members, bsz, dtype=torch.float64) if record_norms else None
+        parts = {k: torch.zeros(self.members, bsz, dtype=torch.float64) for k in ("A", "B")}
         stacked = [m for m in self.adapters.modules() if isinstance(m, StackedLinear)]
         optimizer.zero_grad(set_to_none=True)
         try:
@@ -512,6 +517,8 @@ class LoRAEnsemble(nn.Module):
                     total += sums.detach().double().cpu()
                     if recorder is not None:
                         sq_norms[:, sl] = recorder.sq
+                        for k in parts:
+                            parts[k][:, sl] = recorder.part(k)
                 optimizer.step()
         finally:
             for mod in stacked:
@@ -527,7 +534,11 @@ class LoRAEnsemble(nn.Module):
         scale = counts.cpu().double().unsqueeze(1).square()
         if reduction == "mean":
             scale = scale / own.square()
-        return losses, torch.where(own > 0, sq_norms * scale, torch.full_like(sq_norms, float("nan")))
+        nan = torch.full_like(sq_norms, float("nan"))
+        total_sq = torch.where(own > 0, sq_norms * scale, nan)
+        if not by_factor:
+            return losses, total_sq
+        return losses, total_sq, {k: torch.where(own > 0, v * scale, nan) for k, v in parts.items()}
 
     # -- members ----------------------------------------------------------------------
 

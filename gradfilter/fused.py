@@ -1,6 +1,6 @@
 """The stacked LoRA matmul, whose backward can record per-example norms.
 
-``StackedMatmul.apply(x, weight, recorder)`` computes, for member-major row
+``StackedMatmul.apply(x, weight, recorder[, part])`` computes, for member-major row
 blocks of ``x`` (rows ``m*n .. m*n+n-1`` belong to member m)::
 
     y[rows of m] = x[rows of m] @ weight[m]^T          weight: [M, out, in]
@@ -51,12 +51,23 @@ class NormRecorder:
         self.members, self.rows = members, rows
         self.valid = None if valid is None else valid.bool()
         self._sq: torch.Tensor | None = None  # summed on the gradients' device
+        self._parts: dict[str, torch.Tensor] = {}
         self.layers = 0
 
-    def add(self, sq: torch.Tensor) -> None:
+    def add(self, sq: torch.Tensor, part: str | None = None) -> None:
+        """Add one layer's ``[members, rows]`` squared norms; ``part`` (e.g. ``"A"`` or
+        ``"B"``, the LoRA factor) also adds them to that part's own sum."""
         sq = sq.detach().to(torch.float64)
         self._sq = sq if self._sq is None else self._sq + sq
+        if part is not None:
+            self._parts[part] = sq if part not in self._parts else self._parts[part] + sq
         self.layers += 1
+
+    def part(self, name: str) -> torch.Tensor:
+        """``[members, rows]`` float64 on the CPU: the sum over the layers reported as ``name``."""
+        if name not in self._parts:
+            return torch.zeros(self.members, self.rows, dtype=torch.float64)
+        return self._parts[name].cpu()
 
     @property
     def sq(self) -> torch.Tensor:
@@ -77,16 +88,19 @@ class StackedMatmul(torch.autograd.Function):
     """``y = x W_m^T`` per member block of rows; see the module docstring."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, recorder: NormRecorder | None) -> torch.Tensor:
+    def forward(x: torch.Tensor, weight: torch.Tensor, recorder: NormRecorder | None,
+                part: str | None = None) -> torch.Tensor:
         members = weight.shape[0]
         y = torch.bmm(_member_blocks(x, members), weight.transpose(1, 2))
         return y.reshape(*x.shape[:-1], weight.shape[1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, recorder = inputs
+        x, weight, recorder = inputs[:3]
         ctx.save_for_backward(x, weight)
         ctx.recorder = recorder
+        ctx.part = inputs[3] if len(inputs) > 3 else None
+        ctx.n_inputs = len(inputs)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
@@ -119,18 +133,18 @@ class StackedMatmul(torch.autograd.Function):
                     valid = rec.valid.to(x.device).reshape(members, rec.rows, seq)
                 grad_w, sq = ops.grad_and_sq_norms(left, right, valid)
                 grad_w = grad_w.to(weight.dtype)
-                rec.add(sq)
-        return grad_x, grad_w, None
+                rec.add(sq, ctx.part)
+        return (grad_x, grad_w) + (None,) * (ctx.n_inputs - 2)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: torch.Tensor, weight: torch.Tensor,
-             recorder: NormRecorder | None):
+             recorder: NormRecorder | None, part: str | None = None):
         if recorder is not None:
             raise RuntimeError(
                 "per-example norms cannot be recorded under torch.func.vmap; record them from a "
                 "plain backward, or use gradfilter.per_example_grad_norms"
             )
-        x_dim, w_dim, _ = in_dims
+        x_dim, w_dim = in_dims[0], in_dims[1]
         size = info.batch_size
         if w_dim is None:
             members = weight.shape[0]

@@ -34,7 +34,42 @@ with ``delta = ddof`` (0: population variance) and ``V_i`` replaced by
     \mathrm{GSNR}_i = \frac{D_i}{V_i + \epsilon},
 
 higher is better: a large, consistent drop of the gradient norm between the
-two snapshots.
+two snapshots.  This is ``formula="paper"``, the reconstruction of the paper's
+score.  It is not scale-free: when every example's norm grows by a shared
+factor between the snapshots (early in LoRA training, where ``B`` grows from
+zero), every ``D_i`` is negative and ``D_i / V_i`` ranks the examples with the
+largest late spread (the noisiest) first.
+
+Scale-free formulas
+-------------------
+They keep the paper's intent (signal: how far the ensemble's gradient falls
+between the snapshots; noise: how much the members disagree late) but are
+unchanged when all squared norms are multiplied by one factor per snapshot:
+
+.. math::
+
+    \ell_i = \log\frac{G_i^{(s)} + \epsilon}{G_i^{(t)} + \epsilon}
+        - \operatorname{median}_j \log\frac{G_j^{(s)} + \epsilon}{G_j^{(t)} + \epsilon}
+    \qquad \text{(the drop relative to the cohort's typical drop)},
+
+    c_i = \frac{\operatorname{std}_m x_{im}}{\bar x_i + \epsilon},
+    \quad x_{im} = \lVert g_i^{(m,t)} \rVert^2
+    \qquad \text{(the late coefficient of variation across members)}.
+
+* ``formula="log_cv"``: ``ell_i - log(c_i + c0)`` with ``c0 = 1e-3``, the log of
+  (relative drop / relative spread): a larger drop and a smaller spread both
+  raise the score, and neither can flip the other's sign.
+* ``formula="snr_cv"``: ``ell_i / (c_i + c0)``, a signal-to-noise ratio in the
+  usual sense: a drop larger than the cohort's, consistent across members,
+  ranks first; a smaller one, consistent across members, ranks last; rows
+  whose members disagree sit near zero.
+* ``formula="rank"``: the mean of the two normalised ranks, ``rank(ell)``
+  (larger first) and ``rank(c)`` (smaller first), each scaled to ``[0, 1]``
+  (``1`` = best); ties take their mean rank.
+
+With one member ``c_i = 0`` for every row, so ``log_cv`` and ``rank`` order by
+``ell`` alone and ``snr_cv`` by ``ell / c0``.  NaN rows stay NaN and are left
+out of the cohort median and of the ranks.
 
 A row that contains NaN (the example could not be scored) gives NaN in every
 quantity that depends on it: NaN in ``early_sq[i]`` makes ``G_i^(s)``, ``D_i``
@@ -61,6 +96,10 @@ from fractions import Fraction
 import numpy as np
 
 DROPS = ("normalized", "log_ratio", "unnormalized")
+#: The G-SNR formulas (see the module docstring).
+FORMULAS = ("paper", "log_cv", "snr_cv", "rank")
+#: Floor added to the coefficient of variation in the scale-free formulas.
+CV_FLOOR = 1e-3
 SPREADS = ("var", "std")
 OFS = ("squared", "norm")
 
@@ -72,6 +111,8 @@ SCORES: dict[str, int] = {
     "drop": +1,
     # low late spread means the ensemble members agree on the example (consistent signal)
     "late_var": -1,
+    # low late coefficient of variation: members agree, whatever the norm's scale
+    "late_cv": -1,
     # a small late norm means the example is fitted by the end of training
     "late_norm": -1,
     # GraNd keeps the examples with the highest early gradient norms
@@ -83,6 +124,7 @@ SCORE_SOURCES: dict[str, str] = {
     "gsnr": "gsnr",
     "drop": "drop",
     "late_var": "late_var",
+    "late_cv": "late_cv",
     "late_norm": "late_mean",
     "early_norm": "early_mean",
 }
@@ -101,6 +143,9 @@ class GSNRConfig:
         ddof: delta degrees of freedom of the variance: divisor ``M - ddof``.
         eps: positive constant added to the denominators (and, for
             ``"log_ratio"``, inside the logarithm).
+        formula: ``"paper"`` (``D / (V + eps)`` with the options above), or
+            one of the scale-free ``"log_cv"``, ``"snr_cv"``, ``"rank"`` (which
+            use ``eps`` but not ``drop`` / ``spread`` / ``of`` / ``ddof``).
 
     Raises:
         ValueError: an unknown ``drop`` / ``spread`` / ``of`` (the message lists
@@ -113,8 +158,10 @@ class GSNRConfig:
     of: str = "squared"
     ddof: int = 0
     eps: float = 1e-8
+    formula: str = "paper"
 
     def __post_init__(self) -> None:
+        _check_choice("formula", self.formula, FORMULAS)
         _check_choice("drop", self.drop, DROPS)
         _check_choice("spread", self.spread, SPREADS)
         _check_choice("of", self.of, OFS)
@@ -161,8 +208,10 @@ def gsnr_components(
 
     ``early_mean = G^(s)``, ``late_mean = G^(t)``, ``drop = D``,
     ``late_var = V`` (the spread selected by ``config``: variance or standard
-    deviation, of squared norms or of norms) and ``gsnr = D / (V + eps)``; see
-    the module docstring for the definitions.
+    deviation, of squared norms or of norms), ``late_cv = c`` (the late
+    coefficient of variation of the squared norms) and ``gsnr``, the score of
+    ``config.formula`` (``D / (V + eps)`` for ``"paper"``); see the module
+    docstring for the definitions.
 
     Args:
         early_sq: ``[N, M]`` squared gradient norms at the early snapshot
@@ -172,7 +221,7 @@ def gsnr_components(
 
     Returns:
         Dict with keys ``early_mean``, ``late_mean``, ``drop``, ``late_var``,
-        ``gsnr``, each a float64 array of shape ``[N]``.
+        ``late_cv``, ``gsnr``, each a float64 array of shape ``[N]``.
 
     Raises:
         ValueError: shapes differ or are not ``[N, M]`` with ``M >= 1``;
@@ -209,15 +258,55 @@ def gsnr_components(
             drop = np.log(g_s + eps) - np.log(g_t + eps)
         else:
             drop = g_s - g_t
-        gsnr = drop / (spread + eps)
+        cv = late.std(axis=1) / (g_t + eps)
+        if config.formula == "paper":
+            gsnr = drop / (spread + eps)
+        else:
+            gsnr = _scale_free(config.formula, np.log(g_s + eps) - np.log(g_t + eps), cv)
     out = {
         "early_mean": g_s,
         "late_mean": g_t,
         "drop": drop,
         "late_var": spread,
+        "late_cv": cv,
         "gsnr": gsnr,
     }
     return {k: np.asarray(v, dtype=np.float64).reshape(n) for k, v in out.items()}
+
+
+def _scale_free(formula: str, log_drop: np.ndarray, cv: np.ndarray) -> np.ndarray:
+    """The scale-free scores from the log drop and the late CV (module docstring)."""
+    ok = np.isfinite(log_drop) & np.isfinite(cv)
+    out = np.full(log_drop.shape, np.nan)
+    if not ok.any():
+        return out
+    ell = log_drop[ok] - np.median(log_drop[ok])
+    c = cv[ok]
+    if formula == "log_cv":
+        out[ok] = ell - np.log(c + CV_FLOOR)
+    elif formula == "snr_cv":
+        out[ok] = ell / (c + CV_FLOOR)
+    else:  # rank
+        out[ok] = 0.5 * (_unit_rank(ell) + _unit_rank(-c))
+    return out
+
+
+def _unit_rank(x: np.ndarray) -> np.ndarray:
+    """Mean ranks of ``x`` scaled to ``[0, 1]`` (1 = largest); ties share their mean rank."""
+    n = x.size
+    if n == 1:
+        return np.ones(1)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(n)
+    ranks[order] = np.arange(n, dtype=np.float64)
+    xs = x[order]
+    # Ties: every member of a run of equal values gets the run's mean rank.
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], n]
+    for a, b in zip(starts, ends):
+        if b - a > 1:
+            ranks[order[a:b]] = (a + b - 1) / 2.0
+    return ranks / (n - 1)
 
 
 def ablation_scores(components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,6 +31,9 @@ import torch
 SCORES_FILE = "scores.jsonl"
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+NORMS_FILE = "norms.npz"
+#: Salt of the data order of warm-up epochs (``member_schedule``'s epoch argument).
+WARMUP_EPOCH_SALT = 1 << 20
 
 
 @dataclass
@@ -52,6 +55,13 @@ class ScoreConfig:
     epochs: int = 2
     early: int = 1
     late: int = 2
+    # Epochs whose norms are kept in OUTDIR/norms.npz (a trajectory); None = early and
+    # late only.  Must include early and late; "all" (CLI) = every epoch.
+    snapshots: list[int] | None = None
+    # Optimizer steps trained before epoch 1 (data drawn in extra shuffled epochs,
+    # nothing recorded), so that the early point lies past the growth of the LoRA
+    # norms at any data size.
+    warmup_steps: int = 0
     # "snapshot": norms from eval-mode passes after epochs early and late;
     # "inflight": recorded by the training steps of epochs early and late themselves
     # (same backward as the weight gradient; no extra pass, dropout active).
@@ -70,6 +80,7 @@ class ScoreConfig:
     of: str = "squared"
     ddof: int = 0
     eps: float = 1e-8
+    formula: str = "paper"  # see gradfilter.gsnr.FORMULAS
     fields: dict[str, str] = field(default_factory=dict)
     checkpoint_seconds: float = 60.0
 
@@ -108,18 +119,38 @@ class ScoreConfig:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
         if self.norms not in ("snapshot", "inflight"):
             raise ValueError(f"norms must be 'snapshot' or 'inflight', got {self.norms!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.snapshots is not None:
+            snaps = list(self.snapshots)
+            bad = [e for e in snaps if isinstance(e, bool) or not isinstance(e, int)
+                   or not 1 <= e <= self.epochs]
+            if bad or not snaps:
+                raise ValueError(f"snapshots must be epochs in 1..{self.epochs}, got {self.snapshots!r}")
+            missing = [e for e in (self.early, self.late) if e not in snaps]
+            if missing:
+                raise ValueError(f"snapshots {snaps} must include the early and late epochs "
+                                 f"({self.early}, {self.late})")
         self.gsnr_config()  # validates the G-SNR options
+
+    def norm_epochs(self) -> list[int]:
+        """The epochs whose per-example norms the run records, ascending."""
+        return sorted(set(self.snapshots or ()) | {self.early, self.late})
 
     def gsnr_config(self):
         from .gsnr import GSNRConfig
 
-        return GSNRConfig(drop=self.drop, spread=self.spread, of=self.of, ddof=self.ddof, eps=self.eps)
+        return GSNRConfig(drop=self.drop, spread=self.spread, of=self.of, ddof=self.ddof, eps=self.eps,
+                          formula=self.formula)
 
     def identity(self) -> dict[str, Any]:
         """The fields a checkpoint must agree on to be resumed."""
         d = dataclasses.asdict(self)
         d.pop("checkpoint_seconds")
         d.pop("prefix_cache")  # same scores (to rounding) with or without
+        for k in ("formula", "drop", "spread", "of", "ddof", "eps"):
+            d.pop(k)  # scoring only, applied to the stored norms at the end
         return d
 
 
@@ -297,8 +328,10 @@ def score(
 
     ensemble = config.method in ENSEMBLE_METHODS
     n_epochs = (config.early if config.method == "grand" else config.epochs) if ensemble else 0
-    n_snaps = (1 if config.method == "grand" else 2) if ensemble and config.norms == "snapshot" else 0
+    norm_epochs = [e for e in config.norm_epochs() if e <= n_epochs] if ensemble else []
+    n_snaps = len(norm_epochs) if config.norms == "snapshot" else 0
     steps_per_epoch = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
+    warmup = config.warmup_steps if ensemble else 0
     # Snapshot passes fold all members into one batch; forward-only methods do not.
     per_pass = config.members if ensemble else 1
     snaps = snapshot_batches(lengths, config.batch_size,
@@ -310,15 +343,21 @@ def score(
         "tokens": int(sum(lengths)),
         "truncated_rows": sum(1 for e in encoded if e is not None and e.truncated),
         "method": config.method,
-        "training_steps": steps_per_epoch * n_epochs,
+        "training_steps": steps_per_epoch * n_epochs + warmup,
         "snapshot_batches": n_snaps * len(snaps),
-        "member_sequences_processed": len(ok) * config.members * (n_epochs + n_snaps),
+        "member_sequences_processed": (len(ok) * config.members * (n_epochs + n_snaps)
+                                       + warmup * config.batch_size * config.members),
     }
-    work = (f"{n_epochs} epochs x {steps_per_epoch} steps and {n_snaps} snapshot passes x "
-            f"{len(snaps)} batches, {config.members} members in each folded pass" if ensemble
-            else f"forward passes over {len(snaps)} batches ({config.method})")
+    if ensemble:
+        plan["schedule"] = {"warmup_steps": warmup, "steps_per_epoch": steps_per_epoch,
+                            "epochs": n_epochs, "early": config.early, "late": config.late,
+                            "norm_epochs": norm_epochs, "norms": config.norms,
+                            "early_starts_at_step": warmup + (config.early - 1) * steps_per_epoch}
+    work = (f"{warmup} warm-up steps, {n_epochs} epochs x {steps_per_epoch} steps and {n_snaps} "
+            f"snapshot passes x {len(snaps)} batches, {config.members} members in each folded pass"
+            if ensemble else f"forward passes over {len(snaps)} batches ({config.method})")
     if ensemble and config.norms == "inflight":
-        work += f"; norms recorded in flight during epochs {config.early} and {config.late}"
+        work += f"; norms recorded in flight during epochs {norm_epochs}"
     say(f"{plan['rows']} rows ({plan['scorable_rows']} scorable; {statuses}), "
         f"{plan['tokens']} tokens, {plan['truncated_rows']} truncated; plan: {work}")
     if dry_run:
@@ -329,7 +368,7 @@ def score(
         t0 = time.perf_counter()
         values, counted = _forward_method(config, model, tok, rows, encoded, ok, snaps, pad_id_of(tok))
         timings["scoring_s"] = time.perf_counter() - t0
-        records = _records(rows, encoded, ok, config, values=values)
+        records = _records(row_meta(rows, encoded), ok, config, values=values)
         timings["total_s"] = time.perf_counter() - t_start
         run = _run_summary(config, source, plan, timings, counted, model)
         if outdir:
@@ -345,10 +384,16 @@ def score(
     opt = ens.make_optimizer(lr=config.lr)
     pad_id = pad_id_of(tok)
     m = config.members
-    early_sq = np.full((len(ok), m), np.nan)
-    late_sq = np.full((len(ok), m), np.nan)
-    state = {"epoch": 0, "step": 0, "snapshot": None, "snap_batch": 0, "snaps_done": [],
-             "tokens": 0, "padded": 0, "train_s": 0.0, "snapshot_s": 0.0, "losses": []}
+    # The trajectory: [rows, members, checkpoints] squared norms, their lora_A and
+    # lora_B shares (in-flight only) and the optimizer step each was taken at.
+    n_ck = len(norm_epochs)
+    traj = {"sq": np.full((len(ok), m, n_ck), np.nan),
+            "sq_a": np.full((len(ok), m, n_ck), np.nan),
+            "sq_b": np.full((len(ok), m, n_ck), np.nan),
+            "visit_step": np.full((len(ok), m, n_ck), -1, dtype=np.int64)}
+    state = {"warmup": 0, "epoch": 0, "step": 0, "snapshot": None, "snap_batch": 0,
+             "snaps_done": [], "tokens": 0, "padded": 0, "train_s": 0.0, "snapshot_s": 0.0,
+             "losses": []}
 
     ckpt_path = os.path.join(outdir, CHECKPOINT_FILE) if outdir else None
     identity = {"config": config.identity(), "rows": _fingerprint(rows)}
@@ -364,9 +409,9 @@ def score(
             ens.adapters.load_state_dict(ck["adapters"])
             opt.load_state_dict(ck["optimizer"])
             ens.step = ck["ensemble_step"]
-            early_sq, late_sq, state = ck["early_sq"], ck["late_sq"], ck["state"]
-            say(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}, "
-                f"snapshot {state['snapshot']} batch {state['snap_batch']}")
+            traj, state = ck["trajectory"], ck["state"]
+            say(f"resuming from {ckpt_path}: warm-up step {state['warmup']}, epoch {state['epoch']}, "
+                f"step {state['step']}, snapshot {state['snapshot']} batch {state['snap_batch']}")
 
     def save() -> None:
         if not ckpt_path:
@@ -376,21 +421,32 @@ def score(
             "adapters": ens.adapters.state_dict(),
             "optimizer": opt.state_dict(),
             "ensemble_step": ens.step,
-            "early_sq": early_sq, "late_sq": late_sq, "state": state,
+            "trajectory": traj, "state": state,
         }, ckpt_path)
 
-    total = steps_per_epoch * n_epochs + n_snaps * len(snaps)
-    done = (state["epoch"] * steps_per_epoch + state["step"]
+    total = warmup + steps_per_epoch * n_epochs + n_snaps * len(snaps)
+    done = (state["warmup"] + state["epoch"] * steps_per_epoch + state["step"]
             + len(snaps) * len(state["snaps_done"]) + state["snap_batch"])
     bar = _progress(total, "scoring", progress)
     bar.update(min(done, total))
     last_save = time.perf_counter()
     steps_run = 0
 
-    def run_snapshot(which: str, target: np.ndarray) -> None:
+    def maybe_save(clock: str, t: float) -> float:
+        """Checkpoint when due; returns the start of the next timed stretch."""
         nonlocal last_save
-        if state["snapshot"] != which:
-            state["snapshot"], state["snap_batch"] = which, 0
+        if time.perf_counter() - last_save <= config.checkpoint_seconds:
+            return t
+        state[clock] += time.perf_counter() - t
+        save()
+        last_save = time.perf_counter()
+        return last_save
+
+    def run_snapshot(epoch: int) -> None:
+        nonlocal last_save
+        c = norm_epochs.index(epoch)
+        if state["snapshot"] != epoch:
+            state["snapshot"], state["snap_batch"] = epoch, 0
         t = time.perf_counter()
         for bi in range(state["snap_batch"], len(snaps)):
             idx = snaps[bi]
@@ -398,71 +454,84 @@ def score(
             norms = ens.per_example_grad_norms(
                 ids, labels, mask, reduction=config.reduction, max_tokens=config.token_budget or 0,
                 rows=[ok[j] for j in idx] if ens.prefix_cache is not None else None)
-            target[idx] = (norms.double() ** 2).T.numpy()
+            traj["sq"][idx, :, c] = (norms.double() ** 2).T.numpy()
+            traj["visit_step"][idx, :, c] = ens.step
             state["tokens"] += int(mask.sum()) * m
             state["padded"] += int(mask.numel() - mask.sum()) * m
             state["snap_batch"] = bi + 1
             bar.update(1)
-            if time.perf_counter() - last_save > config.checkpoint_seconds:
-                state["snapshot_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                save()
-                last_save = time.perf_counter()
+            t = maybe_save("snapshot_s", t)
         state["snapshot_s"] += time.perf_counter() - t
         state["snapshot"], state["snap_batch"] = None, 0
-        state["snaps_done"].append(which)
+        state["snaps_done"].append(epoch)
         save()
         last_save = time.perf_counter()
 
     def due_snapshots() -> None:
         if config.norms == "inflight":
             return
-        for which, after, target in (("early", config.early, early_sq), ("late", config.late, late_sq)):
-            if which == "late" and config.method == "grand":
-                continue
-            if state["epoch"] >= after and which not in state["snaps_done"]:
-                run_snapshot(which, target)
+        for epoch in norm_epochs:
+            if state["epoch"] >= epoch and epoch not in state["snaps_done"]:
+                run_snapshot(epoch)
+
+    def train(step: list[list[int]], record: int | None) -> None:
+        """One folded optimizer step; ``record``: the trajectory column to fill in flight."""
+        nonlocal steps_run
+        batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
+        visit = ens.step
+        out = ens.train_step(
+            batches, opt, max_tokens=config.token_budget,
+            member_rows=[[ok[j] for j in idx] for idx in step]
+            if ens.prefix_cache is not None else None,
+            record_norms=record is not None, reduction=config.reduction, by_factor=True)
+        losses = out[0] if record is not None else out
+        if record is not None:
+            sq, parts = out[1].numpy(), {k: v.numpy() for k, v in out[2].items()}
+            for mi, idx in enumerate(step):  # [M, B], of each row's own loss
+                traj["sq"][idx, mi, record] = sq[mi, : len(idx)]
+                traj["sq_a"][idx, mi, record] = parts["A"][mi, : len(idx)]
+                traj["sq_b"][idx, mi, record] = parts["B"][mi, : len(idx)]
+                traj["visit_step"][idx, mi, record] = visit
+        seq = max(b[0].shape[1] for b in batches)
+        real = sum(int(b[2].sum()) for b in batches)
+        state["tokens"] += real
+        state["padded"] += seq * sum(b[0].shape[0] for b in batches) - real
+        state["losses"].append([state["epoch"], state["step"], losses.tolist()])
+        bar.update(1)
+        steps_run += 1
+
+    def stop_if_asked(clock: str, t: float) -> None:
+        if stop_after is not None and steps_run >= stop_after:
+            state[clock] += time.perf_counter() - t
+            save()
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {steps_run} training steps")
+
+    # Warm-up: steps drawn from extra shuffled epochs (their own data-order salt).
+    t = time.perf_counter()
+    while state["warmup"] < warmup:
+        w_epoch, w_step = divmod(state["warmup"], steps_per_epoch)
+        schedule = member_schedule(lengths, config.batch_size, WARMUP_EPOCH_SALT + w_epoch,
+                                   ens.member_seeds, config.seed)
+        train(schedule[w_step], None)
+        state["warmup"] += 1
+        stop_if_asked("train_s", t)
+        t = maybe_save("train_s", t)
+    state["train_s"] += time.perf_counter() - t
 
     # Snapshots that a resumed run had finished are skipped; one in progress goes on.
     due_snapshots()
     while state["epoch"] < n_epochs:
         epoch = state["epoch"]
         schedule = member_schedule(lengths, config.batch_size, epoch, ens.member_seeds, config.seed)
+        record = (norm_epochs.index(epoch + 1)
+                  if config.norms == "inflight" and epoch + 1 in norm_epochs else None)
         t = time.perf_counter()
         while state["step"] < len(schedule):
-            step = schedule[state["step"]]
-            batches = [_collate(encoded, [ok[j] for j in idx], pad_id) for idx in step]
-            targets = [arr for arr, at in ((early_sq, config.early), (late_sq, config.late))
-                       if config.norms == "inflight" and epoch + 1 == at]
-            out = ens.train_step(
-                batches, opt, max_tokens=config.token_budget,
-                member_rows=[[ok[j] for j in idx] for idx in step]
-                if ens.prefix_cache is not None else None,
-                record_norms=bool(targets), reduction=config.reduction)
-            losses = out[0] if targets else out
-            if targets:
-                sq = out[1].numpy()  # [M, B], of each row's own loss (config.reduction)
-                for mi, idx in enumerate(step):
-                    for arr in targets:
-                        arr[idx, mi] = sq[mi, : len(idx)]
-            seq = max(b[0].shape[1] for b in batches)
-            real = sum(int(b[2].sum()) for b in batches)
-            state["tokens"] += real
-            state["padded"] += seq * sum(b[0].shape[0] for b in batches) - real
-            state["losses"].append([epoch, state["step"], losses.tolist()])
+            train(schedule[state["step"]], record)
             state["step"] += 1
-            bar.update(1)
-            steps_run += 1
-            if stop_after is not None and steps_run >= stop_after:
-                state["train_s"] += time.perf_counter() - t
-                save()
-                bar.close()
-                raise KeyboardInterrupt(f"stopped after {steps_run} training steps")
-            if time.perf_counter() - last_save > config.checkpoint_seconds:
-                state["train_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                save()
-                last_save = time.perf_counter()
+            stop_if_asked("train_s", t)
+            t = maybe_save("train_s", t)
         state["train_s"] += time.perf_counter() - t
         state["epoch"], state["step"] = epoch + 1, 0
         save()
@@ -472,8 +541,8 @@ def score(
 
     timings["train_s"] = state["train_s"]
     timings["snapshot_s"] = state["snapshot_s"]
-    records = _records(rows, encoded, ok, config, early_sq=early_sq,
-                       late_sq=None if config.method == "grand" else late_sq)
+    meta = row_meta(rows, encoded)
+    records = records_from_trajectory(meta, ok, config, traj["sq"], norm_epochs)
     timings["total_s"] = time.perf_counter() - t_start
     counted = {"tokens": state["tokens"], "padded": state["padded"],
                "seconds": state["train_s"] + state["snapshot_s"]}
@@ -486,6 +555,8 @@ def score(
                                "bytes": ens.prefix_cache.nbytes}
     ens.remove()
     if outdir:
+        _write_norms(outdir, traj, ok, len(rows), norm_epochs,
+                     [warmup + e * steps_per_epoch for e in norm_epochs])
         _write_outputs(outdir, records, run)
     return ScoreResult(records, run, outdir, rows, source)
 
@@ -555,13 +626,37 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _records(rows, encoded, ok, config: ScoreConfig, *, early_sq=None, late_sq=None,
+ROW_FIELDS = ("index", "id", "status", "n_tokens", "n_response_tokens", "truncated")
+
+
+def row_meta(rows: list[Any], encoded: list[Any]) -> list[dict[str, Any]]:
+    """What a record says about its row besides scores (also read back from scores.jsonl)."""
+    return [{"index": row.index, "id": row.id, "status": row.status,
+             "n_tokens": None if enc is None else enc.n_tokens,
+             "n_response_tokens": None if enc is None else enc.n_response_tokens,
+             "truncated": None if enc is None else enc.truncated}
+            for row, enc in zip(rows, encoded)]
+
+
+def records_from_trajectory(meta: list[dict[str, Any]], ok: list[int], config: ScoreConfig,
+                            sq: np.ndarray, norm_epochs: list[int]) -> list[dict[str, Any]]:
+    """The records of an ensemble method from the ``[ok rows, M, checkpoints]`` norms:
+    the early and late points are the columns of epochs ``config.early`` / ``late``."""
+    for e in (config.early,) if config.method == "grand" else (config.early, config.late):
+        if e not in norm_epochs:
+            raise ValueError(f"epoch {e} has no recorded norms; recorded epochs: {norm_epochs}")
+    early_sq = sq[:, :, norm_epochs.index(config.early)]
+    late_sq = None if config.method == "grand" else sq[:, :, norm_epochs.index(config.late)]
+    return _records(meta, ok, config, early_sq=early_sq, late_sq=late_sq)
+
+
+def _records(meta, ok, config: ScoreConfig, *, early_sq=None, late_sq=None,
              values: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """One record per input row; ``score`` is the method's score, ``rank`` its rank."""
     from .gsnr import ablation_scores, gsnr_components, rank_scores
     from .methods import HIGHER_IS_BETTER, ifd_rank_scores
 
-    n = len(rows)
+    n = len(meta)
     values = dict(values or {})
     comp: dict[str, np.ndarray] = {}
     if early_sq is not None and late_sq is not None:
@@ -583,17 +678,16 @@ def _records(rows, encoded, ok, config: ScoreConfig, *, early_sq=None, late_sq=N
     ranks = rank_scores(full, higher_is_better=HIGHER_IS_BETTER[method])
     pos = {row_i: j for j, row_i in enumerate(ok)}
     records = []
-    for i, row in enumerate(rows):
-        enc = encoded[i]
+    for i, info in enumerate(meta):
         j = pos.get(i)
 
-        def at(arr):
+        def at(arr, j=j):
             return None if j is None or arr is None else _num(arr[j])
 
         rec = {
-            "index": row.index,
-            "id": row.id,
-            "status": row.status,
+            "index": info["index"],
+            "id": info["id"],
+            "status": info["status"],
             "method": method,
             "score": _num(full[i]),
             "gsnr": at(comp.get("gsnr")),
@@ -603,9 +697,9 @@ def _records(rows, encoded, ok, config: ScoreConfig, *, early_sq=None, late_sq=N
             "late_mean": at(comp.get("late_mean")),
             "early_sq": None if j is None or early_sq is None else [_num(v) for v in early_sq[j]],
             "late_sq": None if j is None or late_sq is None else [_num(v) for v in late_sq[j]],
-            "n_tokens": None if enc is None else enc.n_tokens,
-            "n_response_tokens": None if enc is None else enc.n_response_tokens,
-            "truncated": None if enc is None else enc.truncated,
+            "n_tokens": info["n_tokens"],
+            "n_response_tokens": info["n_response_tokens"],
+            "truncated": info["truncated"],
             "rank": int(ranks[i]),
         }
         for name, arr in values.items():
@@ -618,6 +712,78 @@ def _records(rows, encoded, ok, config: ScoreConfig, *, early_sq=None, late_sq=N
             rec["discarded"] = not (values[method][j] < 1.0)
         records.append(rec)
     return records
+
+
+def _write_norms(outdir: str, traj: dict[str, np.ndarray], ok: list[int], n_rows: int,
+                 epochs: list[int], steps: list[int]) -> None:
+    """``OUTDIR/norms.npz``: the trajectory over every input row (NaN / -1 where a
+    row was not scored), with the epoch and end-of-epoch optimizer step of each
+    checkpoint.  float64, so that a rescore reproduces the scores exactly."""
+    import io
+
+    arrays: dict[str, np.ndarray] = {}
+    for name, arr in traj.items():
+        full = np.full((n_rows,) + arr.shape[1:], -1 if arr.dtype.kind == "i" else np.nan,
+                       dtype=arr.dtype)
+        full[ok] = arr
+        arrays[name] = full
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays, epoch=np.asarray(epochs, dtype=np.int64),
+                        step=np.asarray(steps, dtype=np.int64), scored=np.asarray(ok, dtype=np.int64))
+    _atomic_write(os.path.join(outdir, NORMS_FILE), buf.getvalue())
+
+
+def read_norms(outdir: str) -> dict[str, np.ndarray]:
+    """The arrays of ``OUTDIR/norms.npz`` (see :func:`score`): ``sq``, ``sq_a``,
+    ``sq_b`` ``[rows, members, checkpoints]`` float64, ``visit_step`` (int64),
+    ``epoch`` and ``step`` ``[checkpoints]``, ``scored`` (the scored row positions)."""
+    path = os.path.join(outdir, NORMS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: only an ensemble run (gsnr, drop, late_var, "
+                                "grand) of this version records norms")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def rescore(outdir: str, *, formula: str | None = None, early: int | None = None,
+            late: int | None = None, method: str | None = None,
+            output: str | None = None, **gsnr_options: Any) -> ScoreResult:
+    """Recompute every score and rank of a finished ensemble run from its stored
+    norms, with another formula, early / late epoch or method; no model is loaded.
+
+    Writes ``scores.jsonl`` and ``run.json`` (and the plots) to ``output``
+    (default: ``outdir`` itself) and copies ``norms.npz`` there.  With the run's
+    own settings the new ``scores.jsonl`` is byte-identical to the old one.
+    ``gsnr_options``: ``drop``, ``spread``, ``of``, ``ddof``, ``eps``.
+    """
+    from .methods import ENSEMBLE_METHODS
+
+    records, run = read_scores(outdir)
+    norms = read_norms(outdir)
+    changes = {k: v for k, v in dict(formula=formula, early=early, late=late, method=method,
+                                     **gsnr_options).items() if v is not None}
+    cfg_dict = dict(run["config"])
+    cfg_dict.update(changes)
+    config = ScoreConfig(**cfg_dict)
+    if config.method not in ENSEMBLE_METHODS:
+        raise ValueError(f"rescore works for the ensemble methods {', '.join(ENSEMBLE_METHODS)}; "
+                         f"got {config.method!r}")
+    config.validate()
+    epochs = [int(e) for e in norms["epoch"]]
+    for e in (config.early,) if config.method == "grand" else (config.early, config.late):
+        if e not in epochs:
+            raise ValueError(f"epoch {e} has no recorded norms in {outdir}; recorded: {epochs} "
+                             "(record more with score --snapshots)")
+    meta = [{k: r[k] for k in ROW_FIELDS} for r in records]
+    ok = [int(i) for i in norms["scored"]]
+    new = records_from_trajectory(meta, ok, config, norms["sq"][ok], epochs)
+    run = dict(run, config=dataclasses.asdict(config), method=config.method)
+    dest = output or outdir
+    _write_outputs(dest, new, run)
+    if os.path.abspath(dest) != os.path.abspath(outdir):
+        with open(os.path.join(outdir, NORMS_FILE), "rb") as f:
+            _atomic_write(os.path.join(dest, NORMS_FILE), f.read())
+    return ScoreResult(new, run, dest)
 
 
 def _write_outputs(outdir: str, records: list[dict], run: dict) -> None:

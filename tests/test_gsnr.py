@@ -35,7 +35,7 @@ def _close(actual: np.ndarray, expected: list[float]) -> None:
 
 def test_means_are_member_means() -> None:
     c = gsnr_components(EARLY, LATE)
-    assert set(c) == {"early_mean", "late_mean", "drop", "late_var", "gsnr"}
+    assert set(c) == {"early_mean", "late_mean", "drop", "late_var", "late_cv", "gsnr"}
     _close(c["early_mean"], [6.0, 1.0, 4.0])
     _close(c["late_mean"], [5.0, 1.0, 2.0])
     for v in c.values():
@@ -238,10 +238,11 @@ def test_scores_directions() -> None:
         "gsnr": 1,
         "drop": 1,
         "late_var": -1,
+        "late_cv": -1,
         "late_norm": -1,
         "early_norm": 1,
     }
-    assert [score_direction(n) for n in SCORES] == [True, True, False, False, True]
+    assert [score_direction(n) for n in SCORES] == [True, True, False, False, False, True]
     with pytest.raises(ValueError, match="unknown score 'grand'"):
         score_direction("grand")
 
