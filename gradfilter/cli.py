@@ -329,7 +329,7 @@ def _add_score_parser(sub: Any) -> None:
 
 def _quality(args: argparse.Namespace) -> int:
     from .pipeline import ScoreConfig
-    from .quality_bench import QualityConfig, run
+    from .quality_bench import QualityConfig, run_seeds
 
     qcfg = QualityConfig(
         data=args.data, foreign=args.foreign, pool=args.pool, heldout=args.heldout,
@@ -337,17 +337,24 @@ def _quality(args: argparse.Namespace) -> int:
         select_ratio=args.select_ratio, train_steps=args.train_steps, train_batch=args.train_batch,
         eval_every=args.eval_every,
     )
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
     scfg = ScoreConfig(proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank,
-                       epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                       seed=args.seed, token_budget=args.token_budget or None)
+                       epochs=args.epochs, early=args.early, late=args.late,
+                       snapshots=_snapshots(args.snapshots, args.epochs),
+                       warmup_steps=args.warmup_steps, formula=args.formula, norms=args.norms,
+                       lr=args.lr, lora_layers_from=args.lora_layers_from,
+                       prefix_cache=args.prefix_cache, batch_size=args.batch_size,
+                       max_length=args.max_length, seed=args.seed,
+                       token_budget=args.token_budget or None)
     try:
-        results = run(qcfg, scfg, args.output, downstream=not args.no_downstream,
-                      progress=not args.no_progress)
+        scfg.validate()
+        run_seeds(qcfg, scfg, args.output, seeds, downstream=not args.no_downstream,
+                  progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(open(os.path.join(args.output, "results.md"), encoding="utf-8").read())
-    print(f"corrupted rows: {results['corrupted_rows']} of {qcfg.pool}; wrote {args.output}")
+    print(open(os.path.join(args.output, "aggregate.md"), encoding="utf-8").read())
+    print(f"seeds {seeds}; wrote {args.output}")
     return 0
 
 
@@ -370,10 +377,21 @@ def _add_quality_parser(sub: Any) -> None:
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--early", type=int, default=1)
+    p.add_argument("--late", type=int, default=2)
+    p.add_argument("--snapshots", default=None, help="as for score (e.g. all)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--formula", choices=list(FORMULAS), default="paper")
+    p.add_argument("--norms", choices=["snapshot", "inflight"], default="snapshot")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-layers-from", type=int, default=0)
+    p.add_argument("--prefix-cache", action="store_true")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--token-budget", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, one run each "
+                                                 "(OUTDIR/seed-<s>) and an aggregate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_quality)
 

@@ -18,6 +18,7 @@ parameters are exactly M independent optimisers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -153,6 +154,8 @@ class LoRAEnsemble(nn.Module):
         self.base = base_model
         for p in self.base.parameters():
             p.requires_grad_(False)
+        # Hugging Face causal LMs that take a tensor of positions for the LM head.
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
 
         if target_modules is None:
             target_modules = _default_targets(base_model)
@@ -413,10 +416,18 @@ class LoRAEnsemble(nn.Module):
         """``([M], [M])``: each member's summed token cross-entropy over its block
         of folded rows, and its number of supervised tokens.  ``prefix_states``
         ``[M * B, T, d]`` start the forward at block ``layers_from``."""
-        out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   dropout_context=dropout_context, prefix_states=prefix_states)
-        logits = out.logits[:, :-1]
         target = labels[:, 1:]
+        kwargs = {}
+        if self._keeps_logits:
+            # The LM head only where some row has a label: prompts, padding and the
+            # last position carry no loss.  Positions are shared by the rows of the
+            # batch (the model's logits_to_keep), so rows of similar length gain most.
+            keep = (target != -100).any(0).nonzero().flatten()
+            kwargs["logits_to_keep"] = keep
+            target = target[:, keep]
+        out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   dropout_context=dropout_context, prefix_states=prefix_states, **kwargs)
+        logits = out.logits if kwargs else out.logits[:, :-1]
         flat = logits.reshape(-1, logits.shape[-1])
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()

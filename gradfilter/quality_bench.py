@@ -15,6 +15,14 @@
 
 Everything lands in ``OUTDIR``: ``pool.jsonl``, ``labels.jsonl``, one folder of
 scores per method, ``results.json``, ``results.md`` and ``heldout_loss.png``.
+
+The G-SNR run also yields, from its stored norms and without more training,
+every formula of :data:`gradfilter.gsnr.FORMULAS` (``gsnr:<formula>``) and the
+parts ``late_cv`` and ``late_norm`` (lower kept).  A method whose folder holds
+finished scores of the same settings is not scored again, so an interrupted
+benchmark resumes.  With several seeds (:func:`run_seeds`) each seed gets its
+own pool, corruption and folder ``OUTDIR/seed-<s>``, and ``aggregate.json`` /
+``aggregate.md`` hold the mean, standard deviation and range over seeds.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class QualityConfig:
     train_batch: int = 4
     eval_every: int = 10
     lr: float = 2e-4
+    formulas: Sequence[str] = ("paper", "log_cv", "snr_cv", "rank")
 
 
 def _sample(rows: list[dict], n_pool: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -65,6 +74,54 @@ def _keep_scores(records: list[dict], method: str) -> np.ndarray:
 
     s = np.array([np.nan if r["score"] is None else r["score"] for r in records], dtype=float)
     return s if HIGHER_IS_BETTER[method] else -s
+
+
+def _values(records: list[dict], key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
+
+
+def trajectory_scores(outdir: str, score_cfg: Any, formulas: Sequence[str],
+                      early: int | None = None, late: int | None = None) -> dict[str, np.ndarray]:
+    """Keep-scores (higher = keep; NaN for unscored rows) of every G-SNR formula
+    (``gsnr:<formula>``) and part (``drop``, ``late_var``, ``late_cv``,
+    ``late_norm``, ``grand``), from the norms stored by a finished ensemble run
+    in ``outdir``, at epochs ``early`` / ``late`` (default: the run's own)."""
+    from .gsnr import gsnr_components
+    from .pipeline import read_norms
+
+    norms = read_norms(outdir)
+    epochs = [int(e) for e in norms["epoch"]]
+    ok = norms["scored"]
+    early_sq = norms["sq"][ok][:, :, epochs.index(early or score_cfg.early)]
+    late_sq = norms["sq"][ok][:, :, epochs.index(late or score_cfg.late)]
+    n = norms["sq"].shape[0]
+
+    def full(x: np.ndarray) -> np.ndarray:
+        out = np.full(n, np.nan)
+        out[ok] = x
+        return out
+
+    out: dict[str, np.ndarray] = {}
+    for f in formulas:
+        cfg = dataclasses.replace(score_cfg, formula=f).gsnr_config()
+        comp = gsnr_components(early_sq, late_sq, cfg)
+        out[f"gsnr:{f}"] = full(comp["gsnr"])
+    out.update(drop=full(comp["drop"]), late_var=full(-comp["late_var"]),
+               late_cv=full(-comp["late_cv"]), late_norm=full(-comp["late_mean"]),
+               grand=full(comp["early_mean"]))
+    return out
+
+
+def _finished(folder: str, mcfg: Any) -> Any:
+    """The records and run of a finished scoring of ``mcfg`` in ``folder``, or None."""
+    from .pipeline import read_scores
+
+    try:
+        records, run = read_scores(folder)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        return None
+    same = json.loads(json.dumps(dataclasses.asdict(mcfg)))
+    return (records, run) if run.get("config") == same else None
 
 
 def _encode_all(rows: list[dict], tok: Any, max_length: int) -> list[Any]:
@@ -175,20 +232,30 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
     runs = ([("gsnr", shared)] if shared else []) + [
         (m, [m]) for m in cfg.methods if m not in shared]
     for method, covers in runs:
-        say(f"scoring the pool with {method}" + (f" (also gives {', '.join(covers[1:])})"
-                                                   if len(covers) > 1 else ""))
         mcfg = dataclasses.replace(score_cfg, method=method)
-        res = score(pool_path, os.path.join(outdir, method), mcfg, progress=progress,
-                    model_and_tokenizer=(model, tok), log=say)
-        t = res.run["timings"]
+        folder = os.path.join(outdir, method)
+        done = _finished(folder, mcfg)
+        if done is not None:
+            say(f"{method}: finished scores found in {folder}")
+            records, run_info = done
+        else:
+            say(f"scoring the pool with {method}" + (f" (also gives {', '.join(covers[1:])})"
+                                                       if len(covers) > 1 else ""))
+            res = score(pool_path, folder, mcfg, progress=progress,
+                        model_and_tokenizer=(model, tok), log=say)
+            records, run_info = res.records, res.run
+        t = run_info["timings"]
         for m in covers:
             field = {"gsnr": "score", "drop": "drop", "late_var": "late_var",
                      "grand": "early_mean"}.get(m, "score")
-            recs = [{**r, "score": r[field]} for r in res.records]
+            recs = [{**r, "score": r[field]} for r in records]
             keep[m] = _keep_scores(recs, m)
             timing[m] = {"seconds": t["total_s"] - t.get("load_s", 0.0),
-                         "tokens_per_second": res.run["tokens_per_second"],
+                         "tokens_per_second": run_info["tokens_per_second"],
                          "shared_run": method if len(covers) > 1 else None}
+        if method == "gsnr":
+            extra = trajectory_scores(folder, mcfg, cfg.formulas)
+            keep.update({k: v for k, v in extra.items() if k not in keep})
     table = summary(keep, corrupted)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg), "score_config": dataclasses.asdict(score_cfg),
@@ -196,7 +263,11 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
     }
     if downstream:
         k = max(1, math.floor(cfg.select_ratio * len(pool)))
-        subsets = {m: select_top(keep[m], top_k=k).tolist() for m in cfg.methods if m != "random"}
+        subsets = {m: select_top(keep[m], top_k=k).tolist() for m in keep if m != "random"}
+        empty = [m for m, idx in subsets.items() if not idx]
+        if empty:
+            say(f"no downstream training for {', '.join(empty)}: no row scored")
+            subsets = {m: idx for m, idx in subsets.items() if idx}
         for s in cfg.random_seeds:
             subsets[f"random-{s}"] = np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
         pool_enc = _encode_all(pool, tok, score_cfg.max_length)
@@ -221,6 +292,96 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
     with open(os.path.join(outdir, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     return results
+
+
+def run_seeds(cfg: QualityConfig, score_cfg: Any, outdir: str, seeds: Sequence[int],
+              **kwargs: Any) -> dict[str, Any]:
+    """:func:`run` once per seed (pool, corruption, ensemble and downstream seeds all
+    follow it) in ``OUTDIR/seed-<s>``; a seed whose ``results.json`` exists is read,
+    not run again.  Writes and returns the aggregate over seeds."""
+    say = kwargs.get("log") or (lambda s: print(s, file=sys.stderr))
+    per_seed: dict[int, dict[str, Any]] = {}
+    for s in seeds:
+        folder = os.path.join(outdir, f"seed-{s}")
+        path = os.path.join(folder, "results.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                per_seed[s] = json.load(f)
+            say(f"seed {s}: results found in {folder}")
+            continue
+        say(f"seed {s}: running in {folder}")
+        per_seed[s] = run(dataclasses.replace(cfg, seed=s), dataclasses.replace(score_cfg, seed=s),
+                          folder, **kwargs)
+    agg = aggregate(per_seed)
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "aggregate.json"), "w", encoding="utf-8") as f:
+        json.dump(agg, f, indent=2)
+    with open(os.path.join(outdir, "aggregate.md"), "w", encoding="utf-8") as f:
+        f.write(aggregate_markdown(agg))
+    return agg
+
+
+def _stats(xs: Sequence[float]) -> dict[str, float]:
+    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=float)
+    if a.size == 0:
+        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sample standard deviation, min and max over seeds of each method's AUROC,
+    corrupted shares of the top 5 / 10 / 15 % and (when run) final held-out loss.
+    ``base_rate`` is the pool's corrupted share; ``top10_vs_base`` its ratio."""
+    methods: list[str] = []
+    for res in per_seed.values():
+        for row in res["detection"]:
+            if row["method"] not in methods:
+                methods.append(row["method"])
+    out: dict[str, Any] = {"seeds": sorted(per_seed), "methods": {}}
+    base = [r["corrupted_rows"] / r["config"]["pool"] for r in per_seed.values()]
+    out["base_rate"] = _stats(base)
+    for m in methods:
+        rows = [next((r for r in res["detection"] if r["method"] == m), None)
+                for res in per_seed.values()]
+        entry = {k: _stats([r[k] if r else math.nan for r in rows])
+                 for k in ("auroc", "top5", "top10", "top15")}
+        entry["top10_vs_base"] = _stats([(r["top10"] / b) if r else math.nan
+                                         for r, b in zip(rows, base)])
+        finals = [res.get("downstream", {}).get("final", {}).get(m) for res in per_seed.values()]
+        if any(f is not None for f in finals):
+            entry["heldout_loss"] = _stats([math.nan if f is None else f for f in finals])
+        out["methods"][m] = entry
+    randoms = [v for res in per_seed.values()
+               for n, v in res.get("downstream", {}).get("final", {}).items() if n.startswith("random-")]
+    if randoms:
+        out["random_subsets_heldout_loss"] = _stats(randoms)
+    return out
+
+
+def aggregate_markdown(agg: dict[str, Any]) -> str:
+    def ms(st: dict[str, float], pct: bool = False) -> str:
+        if not st or st["n"] == 0:
+            return "n/a"
+        f = 100.0 if pct else 1.0
+        unit = "%" if pct else ""
+        d = 1 if pct else 3
+        return (f"{f * st['mean']:.{d}f}{unit} ± {f * st['sd']:.{d}f} "
+                f"[{f * st['min']:.{d}f}, {f * st['max']:.{d}f}]")
+
+    lines = [f"Seeds: {agg['seeds']}; pool corrupted share {ms(agg['base_rate'], True)} "
+             "(mean ± sd [min, max] over seeds).", "",
+             "| method | AUROC | corrupted in top 10% | top-10% share / pool share | held-out loss |",
+             "|---|---|---|---|---|"]
+    order = sorted(agg["methods"], key=lambda m: -agg["methods"][m]["auroc"]["mean"])
+    for m in order:
+        e = agg["methods"][m]
+        lines.append(f"| {m} | {ms(e['auroc'])} | {ms(e['top10'], True)} | "
+                     f"{ms(e['top10_vs_base'])} | {ms(e.get('heldout_loss', {}))} |")
+    if "random_subsets_heldout_loss" in agg:
+        lines += ["", "Held-out loss of the random subsets (all seeds): "
+                  + ms(agg["random_subsets_heldout_loss"])]
+    return "\n".join(lines) + "\n"
 
 
 def _plot_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
