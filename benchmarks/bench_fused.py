@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from gradfilter import LoRAEnsemble, ops
+from gradfilter import LoRAEnsemble
+from gradfilter.norms import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("GRADFILTER_BENCH_FULL") == "1"
@@ -37,7 +38,7 @@ def _sync() -> None:
 
 
 def _gpt2_shaped(n_layer: int, n_embd: int, n_head: int, vocab: int):
-    from gradfilter.models import tiny_gpt2
+    from gradfilter.io.models import tiny_gpt2
 
     return tiny_gpt2(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
                      n_positions=1024).to(DEVICE)

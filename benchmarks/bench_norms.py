@@ -60,15 +60,16 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gradfilter import LoRAEnsemble, ops, per_example_grad_norms
-from gradfilter import reference as ref
-from gradfilter.baselines import (
+from gradfilter import LoRAEnsemble, per_example_grad_norms
+from gradfilter.norms import ops
+from gradfilter.norms import reference as ref
+from gradfilter.norms.oracles import (
     functorch_per_example_grad_norms,
     loop_per_example_grad_norms,
     opacus_ghost_norms,
     opacus_per_example_grad_norms,
 )
-from gradfilter.layers import Factor
+from gradfilter.norms.layers import Factor
 
 FULL = os.environ.get("GRADFILTER_BENCH_FULL") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,7 +225,7 @@ def gpt2_small_lora(n_layer: int = 12, r: int = 8):
 
 def smollm2_lora(r: int = 8):
     """SmolLM2-135M-Instruct (real weights, float32) with LoRA on q/k/v/o."""
-    from gradfilter.models import load_proxy, smollm2_gguf_path
+    from gradfilter.io.models import load_proxy, smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
@@ -339,7 +340,7 @@ ENSEMBLE_MODELS = {
 @pytest.mark.parametrize("members", [1, 2, 5, 8])
 @pytest.mark.parametrize("size", list(ENSEMBLE_MODELS))
 def test_ensemble(benchmark, size, members, mode):
-    from gradfilter.models import tiny_gpt2
+    from gradfilter.io.models import tiny_gpt2
 
     label, kwargs, bsz, seq, rounds = ENSEMBLE_MODELS[size]
     base = tiny_gpt2(**kwargs).to(DEVICE)

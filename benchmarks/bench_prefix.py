@@ -54,8 +54,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gradfilter.models import load_proxy
-    from gradfilter.pipeline import ScoreConfig, _versions, score
+    from gradfilter.io.models import load_proxy
+    from gradfilter.run.score import ScoreConfig, _versions, score
 
     with open(args.data, encoding="utf-8") as f:
         rows = json.load(f)[: args.rows]

@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any
 
-from .gsnr import FORMULAS
-from .methods import METHODS
+from gradfilter.method.gsnr import FORMULAS
+from gradfilter.method.selectors import METHODS
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
@@ -26,7 +26,7 @@ def _load_lora_proxy(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import load_proxy
+    from gradfilter.io.models import load_proxy
 
     torch.manual_seed(args.seed)
     base, tok = load_proxy(args.proxy)
@@ -51,16 +51,16 @@ def _load_lora_proxy(args: argparse.Namespace) -> tuple[Any, Any]:
 def _norms(args: argparse.Namespace) -> int:
     import torch
 
-    from . import per_example_grad_norms
-    from .data import pad_batch
+    from gradfilter import per_example_grad_norms
+    from gradfilter.io.data import pad_batch
 
     t0 = time.perf_counter()
     model, tok = _load_lora_proxy(args)
     load_s = time.perf_counter() - t0
     from importlib import resources
 
-    from .data import encode_row
-    from .rows import load_rows
+    from gradfilter.io.data import encode_row
+    from gradfilter.io.rows import load_rows
 
     data = args.data or str(resources.files("gradfilter").joinpath("resources/demo.jsonl"))
     all_rows, _ = load_rows(data)
@@ -97,7 +97,7 @@ def _norms(args: argparse.Namespace) -> int:
         print(f"{rank:3d}. {norms[i]:9.4f}  row {r.index:3d}  {text[:90]}")
 
     if args.check:
-        from .baselines import loop_per_example_grad_norms
+        from gradfilter.norms.oracles import loop_per_example_grad_norms
 
         k = min(args.check, len(encoded))
         ids, labels, mask = pad_batch(encoded[:k], tok.pad_token_id)
@@ -126,7 +126,7 @@ def _key(x: float) -> float:
 def _score(args: argparse.Namespace) -> int:
     from importlib import resources
 
-    from .pipeline import ScoreConfig, score
+    from gradfilter.run.score import ScoreConfig, score
 
     data = args.data
     if data is None:
@@ -181,7 +181,7 @@ def _snapshots(text: str | None, epochs: int) -> list[int] | None:
 
 
 def _rescore(args: argparse.Namespace) -> int:
-    from .pipeline import rescore
+    from gradfilter.run.score import rescore
 
     opts = {k: getattr(args, k) for k in ("formula", "early", "late", "method", "drop", "spread",
                                           "of", "ddof", "eps")}
@@ -225,7 +225,7 @@ def _show(result: Any, k: int) -> None:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from .pipeline import select
+    from gradfilter.run.score import select
 
     if (args.ratio is None) == (args.top_k is None):
         raise SystemExit("give exactly one of --ratio and --top-k")
@@ -328,8 +328,8 @@ def _add_score_parser(sub: Any) -> None:
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from .pipeline import ScoreConfig
-    from .quality_bench import QualityConfig, run_seeds
+    from gradfilter.run.score import ScoreConfig
+    from gradfilter.bench.quality_bench import QualityConfig, run_seeds
 
     qcfg = QualityConfig(
         data=args.data, foreign=args.foreign, pool=args.pool, heldout=args.heldout,

@@ -53,14 +53,14 @@ bfloat16 is refused there because the interpreter mis-handles it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from gradfilter import reference as ref
+from gradfilter.norms import routes
+from gradfilter.norms.routes import choose_packed_route
 
 __all__ = [
     "autotune_configs",
@@ -379,10 +379,7 @@ def interpreted() -> bool:
 
 def _interpret_env() -> bool:
     """Whether ``TRITON_INTERPRET`` is set now (the interpreter reads it at run time too)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return routes.interpret_requested()
 
 
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
@@ -554,7 +551,7 @@ def _check_inputs(
     if left.dtype not in _DTYPES or right.dtype not in _DTYPES:
         raise TypeError(
             f"left and right must be float32, float16 or bfloat16, got {left.dtype} and "
-            f"{right.dtype} (use gradfilter.reference for other dtypes)"
+            f"{right.dtype} (use gradfilter.norms.reference for other dtypes)"
         )
     if left.dtype != right.dtype:
         raise TypeError(
@@ -641,7 +638,7 @@ def _auto_rows_per_program(
 
     Splits into chunks of a power of two (>= ``MIN_SPLIT_ROWS``) rows, at most as
     many as needed to reach the target program count, and keeps the partial tile
-    buffer ``B x n_chunks x a x b`` under ``gradfilter.reference.TEMP_BUDGET``.
+    buffer ``B x n_chunks x a x b`` under ``gradfilter.norms.routes.TEMP_BUDGET``.
     """
     tile_a, tile_b = _pow2_clamp(a, MIN_DOT, 64), _pow2_clamp(b, MIN_DOT, 64)
     tiles = triton.cdiv(a, tile_a) * triton.cdiv(b, tile_b)
@@ -650,7 +647,7 @@ def _auto_rows_per_program(
     if base >= target or max_len <= MIN_SPLIT_ROWS:
         return max_len
     chunks = min(triton.cdiv(target, base), triton.cdiv(max_len, MIN_SPLIT_ROWS))
-    chunks = min(chunks, max(1, ref.TEMP_BUDGET // max(1, n_examples * a * b)))
+    chunks = min(chunks, max(1, routes.TEMP_BUDGET // max(1, n_examples * a * b)))
     if chunks <= 1:
         return max_len
     return max(MIN_SPLIT_ROWS, triton.next_power_of_2(triton.cdiv(max_len, chunks)))
@@ -802,21 +799,6 @@ def outer_sq_norms_gram(
     else:
         _outer_sq_norm_gram_kernel[grid](*args, INPUT_PRECISION=precision, **_launch_options(cfg))
     return part.sum(dim=1)
-
-
-def choose_packed_route(lengths: torch.Tensor, a: int, b: int) -> str:
-    """``"direct"`` or ``"ghost"`` for a packed batch with example ``lengths`` ``[B]``.
-
-    Sums :func:`gradfilter.reference.direct_cost` and ``ghost_cost`` over the
-    examples (the same FLOP model as ``choose_route``; with equal lengths the two
-    agree), so a ragged batch is judged by its actual per-example work.
-    """
-    uniq, counts = torch.unique(lengths.to("cpu", torch.int64), return_counts=True)
-    direct = ghost = 0
-    for n, c in zip(uniq.tolist(), counts.tolist()):
-        direct += c * ref.direct_cost(n, a, b)
-        ghost += c * ref.ghost_cost(n, a, b)
-    return "ghost" if ghost < direct else "direct"
 
 
 def outer_sq_norms(

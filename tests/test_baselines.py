@@ -9,13 +9,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gradfilter.baselines import (
+from gradfilter.norms.oracles import (
     functorch_per_example_grad_norms,
     loop_per_example_grad_norms,
     opacus_ghost_norms,
     opacus_per_example_grad_norms,
 )
-from gradfilter.models import tiny_gpt2, tiny_llama
+from gradfilter.io.models import tiny_gpt2, tiny_llama
 
 pytest.importorskip("opacus")
 

@@ -1,8 +1,8 @@
 """C++ CPU op ``torch.ops.gradfilter_cpp.outer_sq_norms`` (csrc/outer_sq_norms.cpp).
 
-The extension is built just in time by :func:`gradfilter._ext.load_cpp_ext`
+The extension is built just in time by :func:`gradfilter.norms._ext.load_cpp_ext`
 (about a minute the first time, cached afterwards); without a compiler the
-module is skipped.  The oracle is :mod:`gradfilter.reference` in float64 on the
+module is skipped.  The oracle is :mod:`gradfilter.norms.reference` in float64 on the
 examples unpacked to a zero-padded ``[B, W, .]`` batch.
 """
 
@@ -19,8 +19,8 @@ import warnings
 import pytest
 import torch
 
-from gradfilter import _ext
-from gradfilter import reference as ref
+from gradfilter.norms import _ext
+from gradfilter.norms import reference as ref
 
 if _ext.load_cpp_ext() is None:
     pytest.skip(
@@ -274,8 +274,8 @@ def test_build_directory(monkeypatch, tmp_path):
 
 def test_import_does_not_build():
     code = (
-        "import sys, gradfilter, gradfilter.ops\n"
-        "assert 'gradfilter._ext' not in sys.modules, 'gradfilter._ext imported'\n"
+        "import sys, gradfilter, gradfilter.norms.ops\n"
+        "assert 'gradfilter.norms._ext' not in sys.modules, 'gradfilter.norms._ext imported'\n"
         "assert 'gradfilter_cpp' not in sys.modules, 'extension loaded'\n"
     )
     env = {**os.environ, "GRADFILTER_CACHE": "/nonexistent/should-not-be-created"}
@@ -321,9 +321,10 @@ def test_timing_direct_vs_reference(a, b):
 def test_public_api_cpp_backend_matches_reference(monkeypatch, kind):
     from peft import LoraConfig, get_peft_model
 
-    from gradfilter import ops, per_example_grad_norms
-    from gradfilter.baselines import loop_per_example_grad_norms
-    from gradfilter.models import tiny_gpt2, tiny_llama
+    from gradfilter import per_example_grad_norms
+    from gradfilter.norms import ops
+    from gradfilter.norms.oracles import loop_per_example_grad_norms
+    from gradfilter.io.models import tiny_gpt2, tiny_llama
 
     base = tiny_gpt2(dtype=torch.float64) if kind == "gpt2" else tiny_llama(dtype=torch.float64)
     targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]

@@ -1,4 +1,4 @@
-"""Tests of gradfilter.data: prompt formatting and tokenisation of rows."""
+"""Tests of gradfilter.io.data: prompt formatting and tokenisation of rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from gradfilter.data import (
+from gradfilter.io.data import (
     Encoded,
     EncodedRow,
     demo_rows,
@@ -22,7 +22,7 @@ from gradfilter.data import (
     pad_batch,
     render_prompt,
 )
-from gradfilter.rows import Row, load_rows
+from gradfilter.io.rows import Row, load_rows
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -311,7 +311,7 @@ def test_chat_without_template() -> None:
 def smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    from gradfilter.models import smollm2_gguf_path
+    from gradfilter.io.models import smollm2_gguf_path
 
     try:
         path = smollm2_gguf_path()

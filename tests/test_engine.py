@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from gradfilter import per_example_grad_norms
-from gradfilter.baselines import loop_per_example_grad_norms
-from gradfilter.models import tiny_gpt2, tiny_llama
+from gradfilter.norms.oracles import loop_per_example_grad_norms
+from gradfilter.io.models import tiny_gpt2, tiny_llama
 
 GPT2_ATTN = ["c_attn", "c_proj"]
 LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

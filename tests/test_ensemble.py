@@ -8,9 +8,9 @@ import torch
 from peft import PeftModel
 
 from gradfilter import LoRAEnsemble, per_example_grad_norms
-from gradfilter.baselines import loop_per_example_grad_norms
-from gradfilter.ensemble import member_schedule
-from gradfilter.models import tiny_gpt2, tiny_llama
+from gradfilter.norms.oracles import loop_per_example_grad_norms
+from gradfilter.method.ensemble import member_schedule
+from gradfilter.io.models import tiny_gpt2, tiny_llama
 from test_engine import assert_close, make_batch
 
 
@@ -157,7 +157,7 @@ def test_half_precision_base_keeps_float32_adapters():
 
 
 def test_norm_pass_in_chunks_equals_one_pass():
-    from gradfilter.models import tiny_llama
+    from gradfilter.io.models import tiny_llama
 
     base = tiny_llama(dtype=torch.float64)
     ens = LoRAEnsemble(base, members=3, r=4, alpha=8, seed=1)

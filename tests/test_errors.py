@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from gradfilter import per_example_grad_norms
-from gradfilter.models import tiny_gpt2
+from gradfilter.io.models import tiny_gpt2
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradfilter import LoRAEnsemble, ops
-from gradfilter import reference as ref
-from gradfilter.fused import NormRecorder, StackedMatmul
-from gradfilter.models import tiny_gpt2, tiny_llama
+from gradfilter import LoRAEnsemble
+from gradfilter.norms import ops
+from gradfilter.norms import reference as ref
+from gradfilter.norms import routes
+from gradfilter.norms.fused import NormRecorder, StackedMatmul
+from gradfilter.io.models import tiny_gpt2, tiny_llama
 
 
 def loop_grad_sq(left, right, cu, groups):
@@ -127,13 +129,13 @@ def test_reference_matches_oracle_with_blocking(monkeypatch):
     want_grad, want_sq = padded_oracle(left, right, valid)
     lz = left * valid.unsqueeze(-1)
     for budget in (1 << 24, 20, 1):  # blocks of examples, of gradient rows, one row at a time
-        monkeypatch.setattr(ref, "TEMP_BUDGET", budget)
+        monkeypatch.setattr(routes, "TEMP_BUDGET", budget)
         grad, sq = ref.outer_grad_sq_norms_ref(lz, right)
         assert torch.allclose(grad, want_grad, rtol=1e-12) and torch.allclose(sq, want_sq, rtol=1e-12)
 
 
 def _cpp_or_skip():
-    from gradfilter import _ext
+    from gradfilter.norms import _ext
 
     if not _ext.cpp_available():
         pytest.skip("the C++ extension cannot be built here")

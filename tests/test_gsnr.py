@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from gradfilter.gsnr import (
+from gradfilter.method.gsnr import (
     SCORE_SOURCES,
     SCORES,
     GSNRConfig,

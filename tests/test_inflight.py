@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from gradfilter.models import tiny_gpt2, tiny_tokenizer
-from gradfilter.pipeline import ScoreConfig, score
+from gradfilter.io.models import tiny_gpt2, tiny_tokenizer
+from gradfilter.run.score import ScoreConfig, score
 
 ROWS = [
     {"instruction": f"Question {i}: what is {i} plus {i}?", "input": "", "output": f"It is {2 * i}." * (1 + i % 3)}

@@ -1,7 +1,7 @@
 """Triton kernels for per-example outer-product gradient norms over packed rows.
 
 Without CUDA the kernels run in the Triton interpreter on the CPU, so every case
-is kept tiny.  The oracle is :mod:`gradfilter.reference` in float64 on the
+is kept tiny.  The oracle is :mod:`gradfilter.norms.reference` in float64 on the
 examples unpacked to a zero-padded ``[B, W, .]`` batch.
 """
 
@@ -22,8 +22,9 @@ pytest.importorskip("triton")
 import triton
 from gradfilter.kernels import lora_norms as K
 
-from gradfilter import ops
-from gradfilter import reference as ref
+from gradfilter.norms import ops
+from gradfilter.norms import reference as ref
+from gradfilter.norms import routes
 
 if _SET_INTERPRET:
     # Triton fixed the interpreter mode when the kernels were decorated.  The
@@ -218,9 +219,9 @@ def test_non_contiguous_inputs():
 def test_auto_route_follows_cost_model():
     # equal lengths: same decision as the padded reference's choose_route
     for n, a, b in [(4, 64, 64), (60, 2, 3), (16, 16, 1), (1, 1, 1)]:
-        assert K.choose_packed_route(torch.full((3,), n), a, b) == ref.choose_route(n, a, b)
+        assert routes.choose_packed_route(torch.full((3,), n), a, b) == routes.choose_route(n, a, b)
     lengths, a, b = [3, 0, 6, 2], 40, 50  # short examples, wide features -> ghost
-    assert K.choose_packed_route(torch.tensor(lengths), a, b) == "ghost"
+    assert routes.choose_packed_route(torch.tensor(lengths), a, b) == "ghost"
     cu = cu_from(lengths)
     left, right = rows(sum(lengths), a, 17), rows(sum(lengths), b, 18)
     want = outer_sq_norms_packed_ref(left, right, cu)
@@ -318,8 +319,9 @@ def test_public_api_with_each_backend_forced():
     code = """
 import os, torch
 from peft import LoraConfig, get_peft_model
-from gradfilter import per_example_grad_norms, ops
-from gradfilter.models import tiny_llama
+from gradfilter import per_example_grad_norms
+from gradfilter.norms import ops
+from gradfilter.io.models import tiny_llama
 model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 with torch.no_grad():
     for n, p in model.named_parameters():

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from gradfilter.methods import (
+from gradfilter.method.selectors import (
     METHODS,
     example_losses,
     ifd_from_losses,
     ifd_rank_scores,
     random_scores,
 )
-from gradfilter.pipeline import ScoreConfig, score, select
+from gradfilter.run.score import ScoreConfig, score, select
 from test_pipeline import CFG, GOOD, proxy, write_jsonl
 
 

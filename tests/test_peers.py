@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradfilter import per_example_grad_norms
-from gradfilter.baselines import (
+from gradfilter.norms.oracles import (
     functorch_per_example_grad_norms,
     opacus_ghost_norms,
     opacus_per_example_grad_norms,

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from gradfilter.models import tiny_gpt2, tiny_tokenizer
-from gradfilter.pipeline import ScoreConfig, score, select
+from gradfilter.io.models import tiny_gpt2, tiny_tokenizer
+from gradfilter.run.score import ScoreConfig, score, select
 
 GOOD = [
     ("Add two and three.", "", "Two plus three is five."),

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradfilter.gsnr import gsnr_components, select_top
-from gradfilter.plots import _heavy_tailed, plot_drop_vs_variance, plot_gsnr_distribution
+from gradfilter.method.gsnr import gsnr_components, select_top
+from gradfilter.run.plots import _heavy_tailed, plot_drop_vs_variance, plot_gsnr_distribution
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -132,9 +132,9 @@ def test_scatter_errors(tmp_path: Path) -> None:
 def test_import_is_light_and_pyplot_untouched(tmp_path: Path) -> None:
     code = (
         "import sys, numpy as np\n"
-        "import gradfilter, gradfilter.gsnr, gradfilter.plots\n"
+        "import gradfilter, gradfilter.method.gsnr, gradfilter.run.plots\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'matplotlib'], 'eager import'\n"
-        f"gradfilter.plots.plot_gsnr_distribution(np.arange(9.0), {str(tmp_path / 'a.png')!r})\n"
+        f"gradfilter.run.plots.plot_gsnr_distribution(np.arange(9.0), {str(tmp_path / 'a.png')!r})\n"
         "assert 'matplotlib' in sys.modules\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
     )

@@ -13,10 +13,10 @@ from test_engine import make_batch
 from test_ensemble import collate
 
 from gradfilter import LoRAEnsemble
-from gradfilter.ensemble import member_schedule
-from gradfilter.models import tiny_gpt2, tiny_llama, tiny_tokenizer
-from gradfilter.pipeline import ScoreConfig, score
-from gradfilter.prefix import PrefixCache, decoder_layers, run_from_layer
+from gradfilter.method.ensemble import member_schedule
+from gradfilter.io.models import tiny_gpt2, tiny_llama, tiny_tokenizer
+from gradfilter.run.score import ScoreConfig, score
+from gradfilter.method.prefix import PrefixCache, decoder_layers, run_from_layer
 
 KINDS = ["gpt2", "llama"]
 
@@ -314,7 +314,7 @@ def test_cli_options(monkeypatch):
         seen["config"] = config
         raise ValueError("stop here")
 
-    monkeypatch.setattr("gradfilter.pipeline.score", fake_score)
+    monkeypatch.setattr("gradfilter.run.score.score", fake_score)
     assert cli.main(["score", "x.json", "--lora-layers-from", "15", "--prefix-cache"]) == 2
     assert seen["config"].lora_layers_from == 15 and seen["config"].prefix_cache is True
     assert cli.main(["score", "x.json"]) == 2

@@ -1,4 +1,4 @@
-"""Tests of gradfilter.quality: seeded corruption of instruction rows and separation metrics."""
+"""Tests of gradfilter.bench.quality: seeded corruption of instruction rows and separation metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradfilter.quality import (
+from gradfilter.bench.quality import (
     ALL_KINDS,
     auroc,
     content_words,

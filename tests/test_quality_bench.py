@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from gradfilter.pipeline import ScoreConfig
-from gradfilter.quality_bench import QualityConfig, run
+from gradfilter.run.score import ScoreConfig
+from gradfilter.bench.quality_bench import QualityConfig, run
 from test_pipeline import proxy
 
 WORDS = "red green blue cat dog sun moon tree rock fish bird star rain snow wind leaf".split()
@@ -67,7 +67,7 @@ def test_quality_benchmark_smoke(tmp_path):
 def test_quality_benchmark_seeds_resume_and_aggregate(tmp_path):
     """Two seeds, no downstream; a second call reads the finished seeds instead of
     scoring again, and the aggregate covers both."""
-    from gradfilter.quality_bench import run_seeds
+    from gradfilter.bench.quality_bench import run_seeds
 
     data = tmp_path / "pool.json"
     data.write_text(json.dumps(synthetic_rows(50, 0)))

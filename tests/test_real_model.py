@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gradfilter import per_example_grad_norms
-from gradfilter.baselines import loop_per_example_grad_norms
-from gradfilter.data import encode_pair, format_prompt, pad_batch
+from gradfilter.norms.oracles import loop_per_example_grad_norms
+from gradfilter.io.data import encode_pair, format_prompt, pad_batch
 
 DATA = Path(os.environ.get("GRADFILTER_SHARED_DATA",
                            Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -28,7 +28,7 @@ def alpaca_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        from gradfilter.models import load_proxy, smollm2_gguf_path
+        from gradfilter.io.models import load_proxy, smollm2_gguf_path
 
         smollm2_gguf_path()
     except FileNotFoundError as e:
@@ -63,8 +63,8 @@ def test_smollm2_alpaca_matches_loop(smollm2, side):
 @pytest.mark.slow
 def test_smollm2_pipeline_end_to_end(smollm2, tmp_path):
     """The whole pipeline on the real proxy and real Alpaca rows (small settings)."""
-    from gradfilter.models import load_proxy
-    from gradfilter.pipeline import ScoreConfig, score, select
+    from gradfilter.io.models import load_proxy
+    from gradfilter.run.score import ScoreConfig, score, select
 
     rows = alpaca_rows(5)
     data = tmp_path / "alpaca.json"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradfilter import reference as ref
-from gradfilter.layers import Factor
-from gradfilter.ops import backend, factor_sq_norms
+from gradfilter.norms import reference as ref
+from gradfilter.norms import routes
+from gradfilter.norms.layers import Factor
+from gradfilter.norms.ops import backend, factor_sq_norms
 
 
 def materialised(left, right):
@@ -30,7 +31,7 @@ def test_outer_routes_non_contiguous_and_blocked(monkeypatch):
     left = torch.randn(9, 3, 40, generator=gen, dtype=torch.float64).transpose(0, 1)
     right = torch.randn(9, 3, 6, generator=gen, dtype=torch.float64).transpose(0, 1)
     assert not left.is_contiguous() and not right.is_contiguous()
-    monkeypatch.setattr(ref, "TEMP_BUDGET", 64)  # forces blocking over rows and examples
+    monkeypatch.setattr(routes, "TEMP_BUDGET", 64)  # forces blocking over rows and examples
     want = materialised(left, right)
     for route in ("direct", "ghost"):
         torch.testing.assert_close(ref.outer_sq_norms_ref(left, right, route), want)
@@ -38,10 +39,10 @@ def test_outer_routes_non_contiguous_and_blocked(monkeypatch):
 
 def test_cost_model_prefers_ghost_only_for_short_rows():
     # Direct ~ 2 n a b, Gram ~ 2 n^2 (a + b): Gram wins when n is small against a b / (a + b).
-    assert ref.choose_route(n=4, a=768, b=768) == "ghost"
-    assert ref.choose_route(n=512, a=8, b=768) == "direct"
-    assert ref.choose_route(n=2, a=8, b=768) == "ghost"
-    assert ref.direct_cost(512, 8, 768) < ref.ghost_cost(512, 8, 768)
+    assert routes.choose_route(n=4, a=768, b=768) == "ghost"
+    assert routes.choose_route(n=512, a=8, b=768) == "direct"
+    assert routes.choose_route(n=2, a=8, b=768) == "ghost"
+    assert routes.direct_cost(512, 8, 768) < routes.ghost_cost(512, 8, 768)
 
 
 def test_index_form_matches_dense_one_hot():

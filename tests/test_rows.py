@@ -1,4 +1,4 @@
-"""Tests of gradfilter.rows: reading every input format and writing subsets back."""
+"""Tests of gradfilter.io.rows: reading every input format and writing subsets back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradfilter.rows import Row, Source, content_hash, load_rows, sniff_format, write_subset
+from gradfilter.io.rows import Row, Source, content_hash, load_rows, sniff_format, write_subset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from gradfilter.gsnr import CV_FLOOR, FORMULAS, GSNRConfig, gsnr_components
-from gradfilter.pipeline import ScoreConfig, read_norms, rescore, score
-from gradfilter.quality_bench import aggregate, aggregate_markdown
+from gradfilter.method.gsnr import CV_FLOOR, FORMULAS, GSNRConfig, gsnr_components
+from gradfilter.run.score import ScoreConfig, read_norms, rescore, score
+from gradfilter.bench.quality_bench import aggregate, aggregate_markdown
 from test_inflight import ROWS, proxy
 
 BASE = dict(members=3, rank=4, alpha=8, batch_size=4, max_length=96, lr=5e-3)

@@ -25,9 +25,9 @@ import sys
 
 import numpy as np
 
-from gradfilter.gsnr import FORMULAS, GSNRConfig, gsnr_components
-from gradfilter.pipeline import read_norms
-from gradfilter.quality import auroc, corrupted_share_in_top
+from gradfilter.method.gsnr import FORMULAS, GSNRConfig, gsnr_components
+from gradfilter.run.score import read_norms
+from gradfilter.bench.quality import auroc, corrupted_share_in_top
 
 STEPS = (0, 50, 100, 200)
 

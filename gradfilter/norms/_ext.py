@@ -12,7 +12,7 @@ of them).  A library built by ``GRADFILTER_BUILD_EXT=1 pip install -e .``
 (``gradfilter._C``) is used instead when it is importable.
 
 If nothing can be built or loaded, a single warning is emitted per process and
-:func:`load_cpp_ext` returns None: callers then use :mod:`gradfilter.reference`.
+:func:`load_cpp_ext` returns None: callers then use :mod:`gradfilter.norms.reference`.
 Importing :mod:`gradfilter` never triggers a build; only calls here do.
 
 The ops live in the ``torch.ops.gradfilter_cpp`` namespace.
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 NAME = "gradfilter_cpp"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"  # gradfilter/norms/_ext.py -> repo root
 EXTRA_CFLAGS = ["-O3", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 
@@ -185,7 +185,7 @@ def _require(op: str, twin: str, **tensors: torch.Tensor) -> None:
     if load_cpp_ext() is None:
         raise RuntimeError(
             "gradfilter's C++ extension is not available (see the earlier warning); "
-            f"use gradfilter.reference.{twin} instead"
+            f"use gradfilter.norms.reference.{twin} instead"
         )
 
 

@@ -2,9 +2,9 @@
 
 1. Sample a pool of real rows (seeded) and a held-out set of clean rows that are
    not in the pool.
-2. Corrupt a known fraction of the pool (:func:`gradfilter.quality.corrupt`).
+2. Corrupt a known fraction of the pool (:func:`gradfilter.bench.quality.corrupt`).
 3. Score the pool with every method through the same data path and proxy
-   (:func:`gradfilter.pipeline.score`), timing each.
+   (:func:`gradfilter.run.score.score`), timing each.
 4. Detection: AUROC of clean against corrupted, and the corrupted share of the
    top 5 / 10 / 15 %.
 5. Downstream: train one LoRA adapter on the proxy per method on its top
@@ -17,7 +17,7 @@ Everything lands in ``OUTDIR``: ``pool.jsonl``, ``labels.jsonl``, one folder of
 scores per method, ``results.json``, ``results.md`` and ``heldout_loss.png``.
 
 The G-SNR run also yields, from its stored norms and without more training,
-every formula of :data:`gradfilter.gsnr.FORMULAS` (``gsnr:<formula>``) and the
+every formula of :data:`gradfilter.method.gsnr.FORMULAS` (``gsnr:<formula>``) and the
 parts ``late_cv`` and ``late_norm`` (lower kept).  A method whose folder holds
 finished scores of the same settings is not scored again, so an interrupted
 benchmark resumes.  With several seeds (:func:`run_seeds`) each seed gets its
@@ -70,7 +70,7 @@ def _sample(rows: list[dict], n_pool: int, n_heldout: int, seed: int) -> tuple[l
 
 def _keep_scores(records: list[dict], method: str) -> np.ndarray:
     """Scores where higher means keep; NaN (unscored, discarded) ranks lowest."""
-    from .methods import HIGHER_IS_BETTER
+    from gradfilter.method.selectors import HIGHER_IS_BETTER
 
     s = np.array([np.nan if r["score"] is None else r["score"] for r in records], dtype=float)
     return s if HIGHER_IS_BETTER[method] else -s
@@ -86,8 +86,8 @@ def trajectory_scores(outdir: str, score_cfg: Any, formulas: Sequence[str],
     (``gsnr:<formula>``) and part (``drop``, ``late_var``, ``late_cv``,
     ``late_norm``, ``grand``), from the norms stored by a finished ensemble run
     in ``outdir``, at epochs ``early`` / ``late`` (default: the run's own)."""
-    from .gsnr import gsnr_components
-    from .pipeline import read_norms
+    from gradfilter.method.gsnr import gsnr_components
+    from gradfilter.run.score import read_norms
 
     norms = read_norms(outdir)
     epochs = [int(e) for e in norms["epoch"]]
@@ -114,7 +114,7 @@ def trajectory_scores(outdir: str, score_cfg: Any, formulas: Sequence[str],
 
 def _finished(folder: str, mcfg: Any) -> Any:
     """The records and run of a finished scoring of ``mcfg`` in ``folder``, or None."""
-    from .pipeline import read_scores
+    from gradfilter.run.score import read_scores
 
     try:
         records, run = read_scores(folder)
@@ -125,15 +125,15 @@ def _finished(folder: str, mcfg: Any) -> Any:
 
 
 def _encode_all(rows: list[dict], tok: Any, max_length: int) -> list[Any]:
-    from .data import encode_row
-    from .rows import load_rows
+    from gradfilter.io.data import encode_row
+    from gradfilter.io.rows import load_rows
 
     loaded, _ = load_rows(rows)
     return [encode_row(r, tok, max_length) for r in loaded]
 
 
 def _heldout_losses(ens: Any, heldout: list[Any], pad_id: int, batch: int) -> list[float]:
-    from .data import pad_batch
+    from gradfilter.io.data import pad_batch
 
     sums = torch.zeros(ens.members, dtype=torch.float64)
     counts = torch.zeros(ens.members, dtype=torch.float64)
@@ -151,9 +151,9 @@ def _downstream(cfg: QualityConfig, score_cfg: Any, model: Any, tok: Any,
                 subsets: dict[str, list[int]], pool_enc: list[Any], held_enc: list[Any],
                 say: Callable[[str], None]) -> dict[str, Any]:
     """Train one adapter per subset for the same number of steps; held-out loss curves."""
-    from .data import pad_batch
-    from .ensemble import LoRAEnsemble
-    from .pipeline import pad_id_of
+    from gradfilter.io.data import pad_batch
+    from gradfilter.method.ensemble import LoRAEnsemble
+    from gradfilter.run.score import pad_id_of
 
     names = list(subsets)
     ens = LoRAEnsemble(model, members=len(names), r=score_cfg.rank, alpha=score_cfg.alpha,
@@ -194,10 +194,10 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
         model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = True,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and writes) the results."""
-    from .gsnr import select_top
-    from .methods import METHODS
-    from .pipeline import score
-    from .quality import corrupt, corrupted_mask, markdown_table, summary
+    from gradfilter.method.gsnr import select_top
+    from gradfilter.method.selectors import METHODS
+    from gradfilter.run.score import score
+    from gradfilter.bench.quality import corrupt, corrupted_mask, markdown_table, summary
 
     say = log or (lambda s: print(s, file=sys.stderr))
     bad = [m for m in cfg.methods if m not in METHODS]
@@ -220,7 +220,7 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
         f.writelines(json.dumps(lab) + "\n" for lab in labels)
 
     if model_and_tokenizer is None:
-        from .models import load_proxy
+        from gradfilter.io.models import load_proxy
 
         model_and_tokenizer = load_proxy(score_cfg.proxy, dtype=getattr(torch, score_cfg.dtype))
     model, tok = model_and_tokenizer

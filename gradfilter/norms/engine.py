@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
-from .layers import RULE_PARAMS, Factor, rule_for
+from gradfilter.norms import ops
+from gradfilter.norms.layers import RULE_PARAMS, Factor, rule_for
 
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
 

@@ -4,7 +4,7 @@ A rule looks at one call of a layer, its input ``x`` ``[B, T, d_in]`` (or token
 ids ``[B, T]``) and the gradient of the loss with respect to its output ``g``
 ``[B, T, d_out]``, and returns, for each parameter it owns, a :class:`Factor`
 such that the per-example gradient is a sum over token rows (see
-:mod:`gradfilter.reference`).  Nothing here is per-example yet: the engine
+:mod:`gradfilter.norms.reference`).  Nothing here is per-example yet: the engine
 windows the rows by example and reduces them to squared norms.
 
 Rules are keyed by exact layer type, because a subclass may change the maths.

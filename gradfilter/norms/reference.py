@@ -26,40 +26,12 @@ from __future__ import annotations
 
 import torch
 
-# Largest temporary (in elements) a route may allocate at once; blocks of
-# examples or of gradient rows are sized to stay under it.
-TEMP_BUDGET = 1 << 24
-
-
-# Fixed cost of one extra round of small kernels (launch, threading), in FLOP
-# equivalents; used to decide whether reducing a ragged batch example by
-# example (no padding work, B times the launches) beats one padded batch.
-LAUNCH_FLOPS = 2_000_000
-
+from gradfilter.norms import routes
+from gradfilter.norms.routes import choose_route
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate half-precision inputs in float32; keep float32 and float64."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def direct_cost(n: int, a: int, b: int) -> int:
-    """FLOPs of the direct route for one example with ``n`` rows."""
-    return 2 * n * a * b + a * b
-
-
-def ghost_cost(n: int, a: int, b: int) -> int:
-    """FLOPs of the Gram route for one example with ``n`` rows."""
-    return 2 * n * n * (a + b) + n * n
-
-
-def choose_route(n: int, a: int, b: int) -> str:
-    """``"direct"`` or ``"ghost"``, whichever the FLOP model says is cheaper."""
-    return "ghost" if ghost_cost(n, a, b) < direct_cost(n, a, b) else "direct"
-
-
-def route_cost(n: int, a: int, b: int) -> int:
-    """FLOPs of the cheaper route for one example with ``n`` rows."""
-    return min(direct_cost(n, a, b), ghost_cost(n, a, b))
 
 
 def outer_sq_norms_direct_ref(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -69,8 +41,8 @@ def outer_sq_norms_direct_ref(left: torch.Tensor, right: torch.Tensor) -> torch.
     out = left.new_zeros(bsz)
     # Block over gradient rows (a) when one example's tile is too large,
     # and over examples otherwise.
-    rows = max(1, min(a, TEMP_BUDGET // max(1, b)))
-    per_block = max(1, TEMP_BUDGET // max(1, rows * b))
+    rows = max(1, min(a, routes.TEMP_BUDGET // max(1, b)))
+    per_block = max(1, routes.TEMP_BUDGET // max(1, rows * b))
     for i0 in range(0, bsz, per_block):
         i1 = min(bsz, i0 + per_block)
         r = right[i0:i1]
@@ -92,8 +64,8 @@ def outer_grad_sq_norms_ref(left: torch.Tensor, right: torch.Tensor) -> tuple[to
     b = right.shape[-1]
     grad = left.new_zeros(groups, a, b)
     sq = left.new_zeros(groups, n)
-    rows = max(1, min(a, TEMP_BUDGET // max(1, b)))
-    per_block = max(1, TEMP_BUDGET // max(1, rows * b))
+    rows = max(1, min(a, routes.TEMP_BUDGET // max(1, b)))
+    per_block = max(1, routes.TEMP_BUDGET // max(1, rows * b))
     for g in range(groups):
         for i0 in range(0, n, per_block):
             i1 = min(n, i0 + per_block)
@@ -109,7 +81,7 @@ def outer_sq_norms_ghost_ref(left: torch.Tensor, right: torch.Tensor) -> torch.T
     """``<L L^T, R R^T>`` for each example; same shapes as the direct route."""
     bsz, w, _ = left.shape
     out = left.new_zeros(bsz)
-    per_block = max(1, TEMP_BUDGET // max(1, 2 * w * w))
+    per_block = max(1, routes.TEMP_BUDGET // max(1, 2 * w * w))
     for i0 in range(0, bsz, per_block):
         i1 = min(bsz, i0 + per_block)
         gl = torch.bmm(left[i0:i1], left[i0:i1].transpose(1, 2))

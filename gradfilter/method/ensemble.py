@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
-from .fused import NormRecorder, StackedMatmul
-from .layers import linear_rule, register_rule
+from gradfilter.norms.fused import NormRecorder, StackedMatmul
+from gradfilter.norms.layers import linear_rule, register_rule
 
 ATTENTION_TARGETS = {
     "gpt2": ["attn.c_attn", "attn.c_proj"],
@@ -48,7 +48,7 @@ class StackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.part = part  # the name its norms are also summed under ("A" / "B")
-        # Set while a training step records per-example norms (see gradfilter.fused).
+        # Set while a training step records per-example norms (see gradfilter.norms.fused).
         self.recorder: NormRecorder | None = None
 
     @property
@@ -117,7 +117,7 @@ class LoRAEnsemble(nn.Module):
             its init and dropout keys whatever k is.
         prefix_cache: with k > 0, compute the frozen prefix (embeddings and
             layers below k) once per example and start the folded forward at
-            block k (:mod:`gradfilter.prefix`); the cache is keyed by the
+            block k (:mod:`gradfilter.method.prefix`); the cache is keyed by the
             ``rows`` / ``member_rows`` given to the passes.
     """
 
@@ -179,7 +179,7 @@ class LoRAEnsemble(nn.Module):
         self._layer_index: dict[str, int] = {}
         self._targets: dict[str, nn.Module] = {}
         if self.layers_from:
-            from .prefix import decoder_layers
+            from gradfilter.method.prefix import decoder_layers
 
             blocks = decoder_layers(base_model)[0]
         for index, (name, module) in enumerate(matched):
@@ -218,7 +218,7 @@ class LoRAEnsemble(nn.Module):
                     "prefix_cache needs layers_from > 0: with adapters from layer 0 no frozen "
                     "prefix is shared by the members"
                 )
-            from .prefix import PrefixCache
+            from gradfilter.method.prefix import PrefixCache
 
             self.prefix_cache = PrefixCache(base_model, self.layers_from)
         self.eval()
@@ -290,7 +290,7 @@ class LoRAEnsemble(nn.Module):
         """Run the base on member-major folded rows ``[M * B, T]`` with the adapters.
 
         ``prefix_states`` ``[M * B, T, d]`` (the hidden states entering decoder
-        block ``layers_from``, see :mod:`gradfilter.prefix`) starts the forward
+        block ``layers_from``, see :mod:`gradfilter.method.prefix`) starts the forward
         at that block; ``input_ids`` then only give the shape."""
         if input_ids.shape[0] % self.members:
             raise ValueError(
@@ -306,7 +306,7 @@ class LoRAEnsemble(nn.Module):
             return self._forward_from_prefix(input_ids, attention_mask, prefix, kwargs)
 
     def _forward_from_prefix(self, input_ids, attention_mask, prefix, kwargs):
-        from .prefix import run_from_layer
+        from gradfilter.method.prefix import run_from_layer
 
         if not self.layers_from:
             raise ValueError("prefix_states need layers_from > 0")
@@ -392,7 +392,7 @@ class LoRAEnsemble(nn.Module):
         return torch.cat(parts, dim=1)
 
     def _norms_pass(self, input_ids, labels, attention_mask, reduction, per_param, rows):
-        from .api import per_example_grad_norms
+        from gradfilter.norms.api import per_example_grad_norms
 
         bsz = input_ids.shape[0]
         prefix = self.prefix_states(input_ids, attention_mask, rows)
@@ -603,7 +603,7 @@ def _check_layers_from(model: nn.Module, layers_from: int) -> int:
         raise ValueError(f"layers_from must be an int, got {layers_from!r}")
     if layers_from == 0:
         return 0
-    from .prefix import decoder_layers
+    from gradfilter.method.prefix import decoder_layers
 
     n = len(decoder_layers(model)[3])
     if not 0 <= layers_from < n:

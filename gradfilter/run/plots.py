@@ -162,7 +162,7 @@ def plot_drop_vs_variance(
     symmetric-log with its linear region up to the smallest positive ``V_i``
     when some are 0 (or negative); the y axis is symmetric-log when the drops
     are heavy-tailed. ``selected`` is a boolean mask of shape ``[N]`` (convert
-    indices from :func:`gradfilter.gsnr.select_top` with ``mask[idx] = True``);
+    indices from :func:`gradfilter.method.gsnr.select_top` with ``mask[idx] = True``);
     selected points are drawn larger and on top, in another colour.
 
     Returns:

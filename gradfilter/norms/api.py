@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .engine import _Pass
+from gradfilter.norms.engine import _Pass
 
 REDUCTIONS = ("mean", "sum")
 

@@ -4,7 +4,7 @@
 pass into per-example squared gradient norms.  Backend choice happens here and
 nowhere else: ``GRADFILTER_BACKEND`` (``auto`` by default, or ``reference``)
 overrides the capability probe.  The plain-PyTorch twins in
-:mod:`gradfilter.reference` are the fallback on every device.
+:mod:`gradfilter.norms.reference` are the fallback on every device.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import reference as ref
-from .layers import Factor
+from gradfilter.norms import reference as ref
+from gradfilter.norms import routes
+from gradfilter.norms.layers import Factor
 
 BACKENDS = ("reference", "triton", "cpp")
 
@@ -41,7 +42,7 @@ def backend(device: torch.device | str | None = None) -> str:
             "(or TRITON_INTERPRET=1 for the CPU interpreter)"
         )
     if wanted == "cpp":
-        from ._ext import cpp_available
+        from gradfilter.norms._ext import cpp_available
 
         if not cpp_available():
             raise ValueError("GRADFILTER_BACKEND=cpp: the C++ extension could not be built here")
@@ -64,10 +65,9 @@ def _outer_packed(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype
         from gradfilter.kernels.lora_norms import outer_sq_norms
 
         return outer_sq_norms(left, right, cu).to(dtype)
-    from ._ext import outer_sq_norms_cpp
+    from gradfilter.norms._ext import outer_sq_norms_cpp
 
-    a, b = left.shape[-1], right.shape[-1]
-    route = ref.choose_route(int(lengths.float().mean().item()) if lengths.numel() else 0, a, b)
+    route = routes.choose_packed_route(lengths, left.shape[-1], right.shape[-1])
     return outer_sq_norms_cpp(left.contiguous(), right.contiguous(), cu, route).to(dtype)
 
 
@@ -140,8 +140,8 @@ def factor_sq_norms(
         a, b = factors[0].left.shape[-1], factors[0].right.shape[-1]
         k = len(factors)
         lengths = v.sum(-1).tolist()
-        batched = len(lengths) * ref.route_cost(k * (hi - lo), a, b)
-        looped = sum(ref.route_cost(k * n, a, b) + ref.LAUNCH_FLOPS for n in lengths)
+        batched = len(lengths) * routes.route_cost(k * (hi - lo), a, b)
+        looped = sum(routes.route_cost(k * n, a, b) + routes.LAUNCH_FLOPS for n in lengths)
         loop_examples = looped < batched
     if not loop_examples:
         lefts = [_rows(f.left[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype) for f in factors]
@@ -203,7 +203,7 @@ def grad_and_sq_norms(
 
             grad, sq = outer_grad_sq_norms(lrows, rrows, cu, cuts, max_seqlen=seq)
         else:
-            from ._ext import outer_grad_sq_norms_cpp
+            from gradfilter.norms._ext import outer_grad_sq_norms_cpp
 
             grad, sq = outer_grad_sq_norms_cpp(lrows.contiguous(), rrows.contiguous(), cu, cuts)
         return grad.to(dtype), sq.reshape(groups, n).to(dtype)
@@ -229,6 +229,6 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except (ImportError, OSError, RuntimeError):  # absent, or a broken install
         return False
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+    if routes.interpret_requested():
         return True
     return torch.cuda.is_available()

@@ -5,9 +5,9 @@ instruction and, when present, the input, in :data:`PROMPT_TEMPLATE`) followed
 by the response.  Labels are the token ids on the response and -100 on the
 prompt, so the per-example loss is taken on the response only.
 
-A chat row (``messages``, see :mod:`gradfilter.rows`) is rendered with the
+A chat row (``messages``, see :mod:`gradfilter.io.rows`) is rendered with the
 tokenizer's chat template; labels are kept on the assistant turns only.
-:func:`encode_row` handles both kinds of :class:`~gradfilter.rows.Row`.
+:func:`encode_row` handles both kinds of :class:`~gradfilter.io.rows.Row`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .rows import Row
+    from gradfilter.io.rows import Row
 
 IGNORE_INDEX = -100
 
@@ -97,7 +97,7 @@ def demo_rows() -> list[dict[str, str]]:
 
 @dataclass
 class EncodedRow(Encoded):
-    """A tokenised :class:`~gradfilter.rows.Row`; usable wherever :class:`Encoded` is.
+    """A tokenised :class:`~gradfilter.io.rows.Row`; usable wherever :class:`Encoded` is.
 
     Attributes:
         n_tokens: length of the full (untruncated) token sequence.
@@ -318,7 +318,7 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], max_length: 
 def encode_row(
     row: Row, tokenizer: Any, max_length: int, template: str | None = None
 ) -> EncodedRow:
-    """Tokenise a usable :class:`~gradfilter.rows.Row`, loss on the response only.
+    """Tokenise a usable :class:`~gradfilter.io.rows.Row`, loss on the response only.
 
     Alpaca rows: prompt from :func:`render_prompt` (``template`` or the default
     Alpaca prompt), then the output and EOS, as in :func:`encode_pair`. Chat

@@ -7,7 +7,7 @@ blocks of ``x`` (rows ``m*n .. m*n+n-1`` belong to member m)::
 
 Its backward gives the input gradient and the summed weight gradient as usual.
 When a :class:`NormRecorder` is passed, the weight gradient comes from
-:func:`gradfilter.ops.grad_and_sq_norms` instead, which returns in the same
+:func:`gradfilter.norms.ops.grad_and_sq_norms` instead, which returns in the same
 pass the squared norm of every row's (every example's) share of that gradient,
 and the recorder adds them up over all the stacked layers of a model.  So a
 training step yields the per-example gradient norms of every member at the
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import ops
+from gradfilter.norms import ops
 
 
 class NormRecorder:

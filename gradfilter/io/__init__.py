@@ -1,0 +1,1 @@
+"""Rows in and out (formats, statuses), prompts and masking, and model loading."""
