@@ -12,7 +12,8 @@ One optimiser step of a LoRA ensemble (members folded into the batch), three way
 
 Run::
 
-    python -m pytest benchmarks/bench_fused.py --benchmark-json benchmarks/results/cpu-2core-fused.json
+    python -m pytest benchmarks/bench_fused.py \
+        --benchmark-json benchmarks/results/cpu-2core-fused.json
     python benchmarks/report.py benchmarks/results/cpu-2core-fused.json
 """
 
@@ -40,8 +41,9 @@ def _sync() -> None:
 def _gpt2_shaped(n_layer: int, n_embd: int, n_head: int, vocab: int):
     from gradfilter.io.models import tiny_gpt2
 
-    return tiny_gpt2(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
-                     n_positions=1024).to(DEVICE)
+    return tiny_gpt2(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=1024
+    ).to(DEVICE)
 
 
 MODELS = {
@@ -77,8 +79,15 @@ def test_train_step(benchmark, model, mode, members, bsz, seq):
     opt = ens.make_optimizer(lr=0.0)  # lr 0: every round times the same state
     batches = _batches(members, bsz, seq, vocab)
     benchmark.group = f"train step, {name}, M={members} B={bsz} T={seq}"
-    benchmark.extra_info.update(level="train-step", provider=mode, model=name, M=members, B=bsz,
-                                T=seq, backend=ops.backend(DEVICE))
+    benchmark.extra_info.update(
+        level="train-step",
+        provider=mode,
+        model=name,
+        M=members,
+        B=bsz,
+        T=seq,
+        backend=ops.backend(DEVICE),
+    )
 
     def run():
         if mode == "step+pass":

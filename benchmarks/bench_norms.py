@@ -63,13 +63,13 @@ from peft import LoraConfig, get_peft_model
 from gradfilter import LoRAEnsemble, per_example_grad_norms
 from gradfilter.norms import ops
 from gradfilter.norms import reference as ref
+from gradfilter.norms.layers import Factor
 from gradfilter.norms.oracles import (
     functorch_per_example_grad_norms,
     loop_per_example_grad_norms,
     opacus_ghost_norms,
     opacus_per_example_grad_norms,
 )
-from gradfilter.norms.layers import Factor
 
 FULL = os.environ.get("GRADFILTER_BENCH_FULL") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,8 +151,9 @@ def _gradfilter_layer(x, z, h, g):
     """Through the backend seam (C++ on CPU, Triton on CUDA, by GRADFILTER_BACKEND)."""
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     window = (0, x.shape[1])
-    return (ops.factor_sq_norms([Factor("outer", z, x)], valid, window)
-            + ops.factor_sq_norms([Factor("outer", g, h)], valid, window))
+    return ops.factor_sq_norms([Factor("outer", z, x)], valid, window) + ops.factor_sq_norms(
+        [Factor("outer", g, h)], valid, window
+    )
 
 
 def _reference_layer(x, z, h, g):
@@ -192,8 +193,15 @@ def test_layer_norm(benchmark, provider, bsz, seq, r):
     got = fn(x, z, h, g).double()
     assert torch.allclose(got, want, rtol=1e-3), (provider, got, want)
     benchmark.group = f"layer d=768 r={r} B={bsz} T={seq}"
-    benchmark.extra_info.update(level="layer", provider=provider, B=bsz, T=seq, r=r,
-                                backend=ops.backend(DEVICE), **_common_info())
+    benchmark.extra_info.update(
+        level="layer",
+        provider=provider,
+        B=bsz,
+        T=seq,
+        r=r,
+        backend=ops.backend(DEVICE),
+        **_common_info(),
+    )
 
     def run():
         fn(x, z, h, g)
@@ -209,13 +217,23 @@ def gpt2_small_lora(n_layer: int = 12, r: int = 8):
     """A GPT-2-small-shaped model (random weights) with LoRA on attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=n_layer, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=768,
+        n_head=12,
+        vocab_size=50257,
+        n_positions=2048,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"],
-                                             fan_in_fan_out=True))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -232,8 +250,10 @@ def smollm2_lora(r: int = 8):
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2-135M not available: {e}")
     model, _ = load_proxy()
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -269,8 +289,11 @@ MODEL_PROVIDERS = {
     "loop": loop_per_example_grad_norms,
 }
 ROUNDS, WARMUP = 3, 1
-MODEL_CASES = ([("gpt2-12", 2, 512), ("gpt2-12", 2, 1024)] if FULL
-               else [("gpt2-4", 4, 128), ("gpt2-4", 2, 512), ("smollm2", 1, 512), ("smollm2", 8, 128)])
+MODEL_CASES = (
+    [("gpt2-12", 2, 512), ("gpt2-12", 2, 1024)]
+    if FULL
+    else [("gpt2-4", 4, 128), ("gpt2-4", 2, 512), ("smollm2", 1, 512), ("smollm2", 8, 128)]
+)
 
 
 @pytest.mark.parametrize("provider", list(MODEL_PROVIDERS))
@@ -286,10 +309,19 @@ def test_model_norms(benchmark, provider, model_key, bsz, seq):
     labels[:, : seq // 4] = -100
     fn = MODEL_PROVIDERS[provider]
     benchmark.group = f"{MODELS[model_key][0]} B={bsz} T={seq}"
-    param_mib = sum(t.numel() * t.element_size()
-                    for t in [*model.parameters(), *model.buffers()]) / 2**20
-    benchmark.extra_info.update(level="model", model=model_key, provider=provider, B=bsz, T=seq,
-                                backend=ops.backend(DEVICE), param_mib=param_mib, **_common_info())
+    param_mib = (
+        sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    )
+    benchmark.extra_info.update(
+        level="model",
+        model=model_key,
+        provider=provider,
+        B=bsz,
+        T=seq,
+        backend=ops.backend(DEVICE),
+        param_mib=param_mib,
+        **_common_info(),
+    )
 
     def run():
         fn(model, ids, labels)
@@ -317,9 +349,12 @@ def test_model_norms(benchmark, provider, model_key, bsz, seq):
 
     benchmark.pedantic(timed_run, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     if plain_s:
-        ratios = sorted(t / p for t, p in zip(own_s[WARMUP:], plain_s))
-        benchmark.extra_info.update(paired_plain_s=plain_s, paired_ratios=ratios,
-                                    paired_ratio_median=ratios[len(ratios) // 2])
+        ratios = sorted(t / p for t, p in zip(own_s[WARMUP:], plain_s, strict=False))
+        benchmark.extra_info.update(
+            paired_plain_s=plain_s,
+            paired_ratios=ratios,
+            paired_ratio_median=ratios[len(ratios) // 2],
+        )
     benchmark.extra_info.update(measure_peak(run))
 
 
@@ -329,10 +364,20 @@ def test_model_norms(benchmark, provider, model_key, bsz, seq):
 # dominate; "tiny" is where per-operation overhead does (kernel launches on a GPU,
 # dispatcher and Python on a CPU), which folding the members into one pass removes.
 ENSEMBLE_MODELS = {
-    "small": ("small GPT-2 (4 x 128)", {"n_layer": 4, "n_embd": 128, "n_head": 4,
-                                        "vocab_size": 512, "n_positions": 256}, 8, 128, 3),
-    "tiny": ("tiny GPT-2 (2 x 64)", {"n_layer": 2, "n_embd": 64, "n_head": 4,
-                                     "vocab_size": 512, "n_positions": 64}, 4, 32, 20),
+    "small": (
+        "small GPT-2 (4 x 128)",
+        {"n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 512, "n_positions": 256},
+        8,
+        128,
+        3,
+    ),
+    "tiny": (
+        "tiny GPT-2 (2 x 64)",
+        {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512, "n_positions": 64},
+        4,
+        32,
+        20,
+    ),
 }
 
 
@@ -348,11 +393,15 @@ def test_ensemble(benchmark, size, members, mode):
     ids = torch.randint(0, kwargs["vocab_size"], (bsz, seq), generator=gen).to(DEVICE)
     labels = ids.clone()
     ens = LoRAEnsemble(base, members=members, r=8, alpha=16)
-    singles = [LoRAEnsemble(base, members=1, r=8, alpha=16, member_seeds=[s])
-               for s in ens.member_seeds] if mode == "sequential" else []
+    singles = (
+        [LoRAEnsemble(base, members=1, r=8, alpha=16, member_seeds=[s]) for s in ens.member_seeds]
+        if mode == "sequential"
+        else []
+    )
     benchmark.group = f"ensemble of {members}, {label}, B={bsz} T={seq}"
-    benchmark.extra_info.update(level="ensemble", provider=mode, M=members, size=size, B=bsz, T=seq,
-                                **_common_info())
+    benchmark.extra_info.update(
+        level="ensemble", provider=mode, M=members, size=size, B=bsz, T=seq, **_common_info()
+    )
 
     def run():
         if mode == "folded":

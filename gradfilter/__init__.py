@@ -4,8 +4,8 @@
 extension is touched until a backend is used.
 """
 
-from gradfilter.norms.api import per_example_grad_norms
 from gradfilter.method.ensemble import LoRAEnsemble
+from gradfilter.norms.api import per_example_grad_norms
 
 __version__ = "0.1.0"
 __all__ = ["LoRAEnsemble", "per_example_grad_norms", "__version__"]

@@ -17,7 +17,11 @@ import time
 from typing import Any
 
 from gradfilter.method.gsnr import FORMULAS
-from gradfilter.method.selectors import METHODS
+from gradfilter.method.registry import METHODS
+from gradfilter.run.config import ScoreConfig
+
+#: The one source of the CLI's defaults.
+D = ScoreConfig()
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
@@ -84,16 +88,23 @@ def _norms(args: argparse.Namespace) -> int:
     score_s = time.perf_counter() - t0
 
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"proxy: {args.proxy or 'SmolLM2-135M-Instruct (offline GGUF)'}; LoRA r={args.rank} "
-          f"alpha={args.alpha} on {args.targets} ({n_lora:,} trainable parameters)")
-    print(f"loaded in {load_s:.1f} s; {len(rows)} rows, {tokens} tokens scored in {score_s:.2f} s "
-          f"({tokens / max(score_s, 1e-9):.0f} tokens/s, one forward + one backward per batch)")
+    print(
+        f"proxy: {args.proxy or 'SmolLM2-135M-Instruct (offline GGUF)'}; LoRA r={args.rank} "
+        f"alpha={args.alpha} on {args.targets} ({n_lora:,} trainable parameters)"
+    )
+    print(
+        f"loaded in {load_s:.1f} s; {len(rows)} rows, {tokens} tokens scored in {score_s:.2f} s "
+        f"({tokens / max(score_s, 1e-9):.0f} tokens/s, one forward + one backward per batch)"
+    )
     order = sorted(range(len(rows)), key=lambda i: (-_key(norms[i]), i))
     print("\nper-example LoRA gradient norm (response loss), largest first:")
     for rank, i in enumerate(order, 1):
         r = rows[i]
-        text = (f"{r.instruction} -> {r.output}" if r.kind == "alpaca" else
-                " | ".join(m.get("content", "") for m in r.messages or [])).replace("\n", " ")
+        text = (
+            f"{r.instruction} -> {r.output}"
+            if r.kind == "alpaca"
+            else " | ".join(m.get("content", "") for m in r.messages or [])
+        ).replace("\n", " ")
         print(f"{rank:3d}. {norms[i]:9.4f}  row {r.index:3d}  {text[:90]}")
 
     if args.check:
@@ -104,13 +115,15 @@ def _norms(args: argparse.Namespace) -> int:
         want = loop_per_example_grad_norms(model, ids, labels, mask)
         got = torch.tensor(norms[:k], dtype=torch.float64)
         rel = ((got - want.double()).abs() / want.double().abs()).nan_to_num(0.0).max().item()
-        print(f"\ncheck against the per-example autograd loop on {k} rows: "
-              f"max relative difference {rel:.2e}")
+        print(
+            f"\ncheck against the per-example autograd loop on {k} rows: "
+            f"max relative difference {rel:.2e}"
+        )
         if rel > 1e-3:
             return 1
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            for r, n in zip(rows, norms):
+            for r, n in zip(rows, norms, strict=False):
                 f.write(json.dumps({"index": r.index, "id": r.id, "grad_norm": _num(n)}) + "\n")
     return 0
 
@@ -142,18 +155,46 @@ def _score(args: argparse.Namespace) -> int:
     if targets is not None and targets != "all-linear":
         targets = [t for t in targets.split(",") if t]
     config = ScoreConfig(
-        method=args.method, proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=targets, lora_layers_from=args.lora_layers_from,
-        prefix_cache=args.prefix_cache, epochs=args.epochs, early=args.early,
-        late=args.late, snapshots=_snapshots(args.snapshots, args.epochs),
-        warmup_steps=args.warmup_steps, formula=args.formula, norms=args.norms, lr=args.lr, batch_size=args.batch_size, token_budget=args.token_budget or None,
-        max_length=args.max_length, seed=args.seed, template=args.template,
-        reduction=args.reduction, drop=args.drop, spread=args.spread, of=args.of,
-        ddof=args.ddof, eps=args.eps, fields=fields, checkpoint_seconds=args.checkpoint_seconds,
+        method=args.method,
+        proxy=args.proxy,
+        dtype=args.dtype,
+        members=args.members,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=targets,
+        lora_layers_from=args.lora_layers_from,
+        prefix_cache=args.prefix_cache,
+        epochs=args.epochs,
+        early=args.early,
+        late=args.late,
+        snapshots=_snapshots(args.snapshots, args.epochs),
+        warmup_steps=args.warmup_steps,
+        formula=args.formula,
+        norms=args.norms,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        token_budget=args.token_budget or None,
+        max_length=args.max_length,
+        seed=args.seed,
+        template=args.template,
+        reduction=args.reduction,
+        drop=args.drop,
+        spread=args.spread,
+        of=args.of,
+        ddof=args.ddof,
+        eps=args.eps,
+        fields=fields,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
     try:
-        result = score(data, None if args.dry_run else args.output, config,
-                       progress=not args.no_progress, dry_run=args.dry_run)
+        result = score(
+            data,
+            None if args.dry_run else args.output,
+            config,
+            progress=not args.no_progress,
+            dry_run=args.dry_run,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -161,10 +202,12 @@ def _score(args: argparse.Namespace) -> int:
         print(json.dumps(result.run["plan"], indent=2))
         return 0
     run = result.run
-    print(f"scored {run['plan']['scorable_rows']} of {run['plan']['rows']} rows ({args.method}) in "
-          f"{run['timings']['total_s']:.1f} s ({run['tokens_per_second']:.0f} tokens/s, "
-          f"padding {100 * run['padding_fraction']:.1f}%); wrote {args.output}/scores.jsonl, "
-          f"run.json and plots")
+    print(
+        f"scored {run['plan']['scorable_rows']} of {run['plan']['rows']} rows ({args.method}) in "
+        f"{run['timings']['total_s']:.1f} s ({run['tokens_per_second']:.0f} tokens/s, "
+        f"padding {100 * run['padding_fraction']:.1f}%); wrote {args.output}/scores.jsonl, "
+        f"run.json and plots"
+    )
     _show(result, args.show)
     return 0
 
@@ -183,17 +226,22 @@ def _snapshots(text: str | None, epochs: int) -> list[int] | None:
 def _rescore(args: argparse.Namespace) -> int:
     from gradfilter.run.score import rescore
 
-    opts = {k: getattr(args, k) for k in ("formula", "early", "late", "method", "drop", "spread",
-                                          "of", "ddof", "eps")}
+    opts = {
+        k: getattr(args, k)
+        for k in ("formula", "early", "late", "method", "drop", "spread", "of", "ddof", "eps")
+    }
     try:
         result = rescore(args.outdir, output=args.output, **opts)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = result.run["config"]
-    print(f"rescored {sum(r['score'] is not None for r in result.records)} rows "
-          f"({c['method']}, formula {c['formula']}, early epoch {c['early']}, late epoch {c['late']}); "
-          f"wrote {result.outdir}/scores.jsonl")
+    print(
+        f"rescored {sum(r['score'] is not None for r in result.records)} rows "
+        f"({c['method']}, formula {c['formula']}, "
+        f"early epoch {c['early']}, late epoch {c['late']}); "
+        f"wrote {result.outdir}/scores.jsonl"
+    )
     return 0
 
 
@@ -208,7 +256,8 @@ def _show(result: Any, k: int) -> None:
             text = " | ".join(m.get("content", "") for m in row.messages or [])
         else:
             text = f"{row.instruction} -> {row.output}"
-        return f"{r['rank']:5d}  {r['score']:12.4g}  row {r['index']:5d}  {text.replace(chr(10), ' ')[:80]}"
+        flat = text.replace(chr(10), " ")[:80]
+        return f"{r['rank']:5d}  {r['score']:12.4g}  row {r['index']:5d}  {flat}"
 
     if k and recs:
         print(f"\ntop {min(k, len(recs))} by {method} (rank, score, row, text):")
@@ -220,7 +269,7 @@ def _show(result: Any, k: int) -> None:
     bad = [r for r in result.records if r["status"] != "ok"]
     if bad:
         print(f"\n{len(bad)} rows not scored:")
-        for r in bad[:k or 10]:
+        for r in bad[: k or 10]:
             print(f"  row {r['index']}: {r['status']}")
 
 
@@ -230,8 +279,9 @@ def _select(args: argparse.Namespace) -> int:
     if (args.ratio is None) == (args.top_k is None):
         raise SystemExit("give exactly one of --ratio and --top-k")
     try:
-        written, chosen = select(args.outdir, ratio=args.ratio, top_k=args.top_k,
-                                 output=args.output, order=args.order)
+        written, chosen = select(
+            args.outdir, ratio=args.ratio, top_k=args.top_k, output=args.output, order=args.order
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -241,70 +291,135 @@ def _select(args: argparse.Namespace) -> int:
 
 def _add_score_parser(sub: Any) -> None:
     p = sub.add_parser("score", help="G-SNR scores of every row of an instruction dataset")
-    p.add_argument("data", nargs="?", default=None,
-                   help="Alpaca JSON/JSONL, chat messages JSONL, Parquet or a saved HF dataset "
-                        "(default: the shipped demo set)")
+    p.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="Alpaca JSON/JSONL, chat messages JSONL, Parquet or a saved HF dataset "
+        "(default: the shipped demo set)",
+    )
     p.add_argument("-o", "--output", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--proxy", default=None,
-                   help="hub id (e.g. gpt2), local model folder or .gguf file "
-                        "(default: SmolLM2-135M-Instruct, offline)")
-    p.add_argument("--method", choices=list(METHODS), default="gsnr",
-                   help="gsnr (default); ablations drop, late_var, grand (early norm); "
-                        "baselines random, loss, ifd (loss ratio), ifd_ppl (perplexity ratio)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
-                   default="float32", help="proxy weights (bfloat16: faster, norms to ~1e-2)")
-    p.add_argument("--members", type=int, default=5)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--targets", default=None,
-                   help="comma-separated layer names, or all-linear (default: attention projections)")
-    p.add_argument("--lora-layers-from", type=int, default=0, metavar="K",
-                   help="adapters only on decoder layers K..L-1 (default 0: all layers)")
-    p.add_argument("--prefix-cache", action="store_true",
-                   help="with --lora-layers-from K > 0, run the frozen layers below K once per "
-                        "row and reuse their output across members, epochs and snapshots")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--early", type=int, default=1, help="early snapshot after this epoch")
-    p.add_argument("--late", type=int, default=2, help="late snapshot after this epoch")
-    p.add_argument("--snapshots", default=None, metavar="EPOCHS",
-                   help="epochs whose norms are kept in OUTDIR/norms.npz, e.g. 1,2,3 or all "
-                        "(default: early and late); rescore can then use any of them")
-    p.add_argument("--warmup-steps", type=int, default=0, metavar="N",
-                   help="optimizer steps trained before epoch 1, nothing recorded")
-    p.add_argument("--formula", choices=list(FORMULAS), default="paper",
-                   help="paper: D / (V + eps); log_cv, snr_cv, rank: scale-free (see docs)")
-    p.add_argument("--norms", choices=["snapshot", "inflight"], default="snapshot",
-                   help="snapshot: eval-mode norm passes after epochs --early and --late; "
-                        "inflight: norms recorded by the training steps of those epochs (no "
-                        "extra pass; dropout active, parameters moving within the epoch)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per member per step")
-    p.add_argument("--token-budget", type=int, default=2048,
-                   help="at most this many padded tokens in one folded forward/backward (all "
-                        "members): snapshot batches are cut, training steps accumulate "
-                        "(0 = no limit; SmolLM2 in float32 peaks near 9 GB at 2048)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--template", default=None,
-                   help="prompt template with {instruction} and {input} (Alpaca rows)")
+    p.add_argument(
+        "--proxy",
+        default=None,
+        help="hub id (e.g. gpt2), local model folder or .gguf file "
+        "(default: SmolLM2-135M-Instruct, offline)",
+    )
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="gsnr",
+        help="gsnr (default); ablations drop, late_var, grand (early norm); "
+        "baselines random, loss, ifd (loss ratio), ifd_ppl (perplexity ratio)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        default="float32",
+        help="proxy weights (bfloat16: faster, norms to ~1e-2)",
+    )
+    p.add_argument("--members", type=int, default=D.members)
+    p.add_argument("--rank", type=int, default=D.rank)
+    p.add_argument("--alpha", type=float, default=D.alpha)
+    p.add_argument("--dropout", type=float, default=D.dropout)
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated layer names, or all-linear (default: attention projections)",
+    )
+    p.add_argument(
+        "--lora-layers-from",
+        type=int,
+        default=D.lora_layers_from,
+        metavar="K",
+        help="adapters only on decoder layers K..L-1 (default 0: all layers)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="with --lora-layers-from K > 0, run the frozen layers below K once per "
+        "row and reuse their output across members, epochs and snapshots",
+    )
+    p.add_argument("--epochs", type=int, default=D.epochs)
+    p.add_argument("--early", type=int, default=D.early, help="early snapshot after this epoch")
+    p.add_argument("--late", type=int, default=D.late, help="late snapshot after this epoch")
+    p.add_argument(
+        "--snapshots",
+        default=None,
+        metavar="EPOCHS",
+        help="epochs whose norms are kept in OUTDIR/norms.npz, e.g. 1,2,3 or all "
+        "(default: early and late); rescore can then use any of them",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=D.warmup_steps,
+        metavar="N",
+        help="optimizer steps trained before epoch 1, nothing recorded",
+    )
+    p.add_argument(
+        "--formula",
+        choices=list(FORMULAS),
+        default=D.formula,
+        help="paper: D / (V + eps); log_cv, snr_cv, rank: scale-free (see docs)",
+    )
+    p.add_argument(
+        "--norms",
+        choices=["snapshot", "inflight"],
+        default=D.norms,
+        help="snapshot: eval-mode norm passes after epochs --early and --late; "
+        "inflight: norms recorded by the training steps of those epochs (no "
+        "extra pass; dropout active, parameters moving within the epoch)",
+    )
+    p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="rows per member per step")
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=D.token_budget,
+        help="at most this many padded tokens in one folded forward/backward (all "
+        "members): snapshot batches are cut, training steps accumulate "
+        "(0 = no limit; SmolLM2 in float32 peaks near 9 GB at 2048)",
+    )
+    p.add_argument("--max-length", type=int, default=D.max_length)
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument(
+        "--template",
+        default=None,
+        help="prompt template with {instruction} and {input} (Alpaca rows)",
+    )
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean")
-    p.add_argument("--drop", choices=["normalized", "log_ratio", "unnormalized"], default="normalized")
+    p.add_argument(
+        "--drop", choices=["normalized", "log_ratio", "unnormalized"], default="normalized"
+    )
     p.add_argument("--spread", choices=["var", "std"], default="var")
     p.add_argument("--of", choices=["squared", "norm"], default="squared")
-    p.add_argument("--ddof", type=int, choices=[0, 1], default=0)
-    p.add_argument("--eps", type=float, default=1e-8)
-    p.add_argument("--field", action="append", metavar="NAME=COLUMN",
-                   help="map a field: instruction, input, output, messages or id")
-    p.add_argument("--dry-run", action="store_true", help="report rows, tokens and planned work only")
+    p.add_argument("--ddof", type=int, choices=[0, 1], default=D.ddof)
+    p.add_argument("--eps", type=float, default=D.eps)
+    p.add_argument(
+        "--field",
+        action="append",
+        metavar="NAME=COLUMN",
+        help="map a field: instruction, input, output, messages or id",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="report rows, tokens and planned work only"
+    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--checkpoint-seconds", type=float, default=60.0,
-                   help="save the resumable state at most this often (default 60)")
+    p.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=D.checkpoint_seconds,
+        help="save the resumable state at most this often (default 60)",
+    )
     p.add_argument("--show", type=int, default=5, help="print the top and bottom N rows")
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("rescore", help="recompute scores and ranks of a finished run from "
-                                       "its stored norms (no model, seconds)")
+    p = sub.add_parser(
+        "rescore",
+        help="recompute scores and ranks of a finished run from "
+        "its stored norms (no model, seconds)",
+    )
     p.add_argument("outdir")
     p.add_argument("-o", "--output", default=None, help="write here instead of OUTDIR")
     p.add_argument("--formula", choices=list(FORMULAS), default=None)
@@ -328,28 +443,54 @@ def _add_score_parser(sub: Any) -> None:
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from gradfilter.run.score import ScoreConfig
     from gradfilter.bench.quality_bench import QualityConfig, run_seeds
+    from gradfilter.run.score import ScoreConfig
 
     qcfg = QualityConfig(
-        data=args.data, foreign=args.foreign, pool=args.pool, heldout=args.heldout,
-        fraction=args.fraction, seed=args.seed, methods=[m for m in args.methods.split(",") if m],
-        select_ratio=args.select_ratio, train_steps=args.train_steps, train_batch=args.train_batch,
+        data=args.data,
+        foreign=args.foreign,
+        pool=args.pool,
+        heldout=args.heldout,
+        fraction=args.fraction,
+        seed=args.seed,
+        methods=[m for m in args.methods.split(",") if m],
+        select_ratio=args.select_ratio,
+        train_steps=args.train_steps,
+        train_batch=args.train_batch,
         eval_every=args.eval_every,
+        max_length=args.max_length,
     )
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
-    scfg = ScoreConfig(proxy=args.proxy, dtype=args.dtype, members=args.members, rank=args.rank,
-                       epochs=args.epochs, early=args.early, late=args.late,
-                       snapshots=_snapshots(args.snapshots, args.epochs),
-                       warmup_steps=args.warmup_steps, formula=args.formula, norms=args.norms,
-                       lr=args.lr, lora_layers_from=args.lora_layers_from,
-                       prefix_cache=args.prefix_cache, batch_size=args.batch_size,
-                       max_length=args.max_length, seed=args.seed,
-                       token_budget=args.token_budget or None)
+    scfg = ScoreConfig(
+        proxy=args.proxy,
+        dtype=args.dtype,
+        members=args.members,
+        rank=args.rank,
+        epochs=args.epochs,
+        early=args.early,
+        late=args.late,
+        snapshots=_snapshots(args.snapshots, args.epochs),
+        warmup_steps=args.warmup_steps,
+        formula=args.formula,
+        norms=args.norms,
+        lr=args.lr,
+        lora_layers_from=args.lora_layers_from,
+        prefix_cache=args.prefix_cache,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        token_budget=args.token_budget or None,
+    )
     try:
         scfg.validate()
-        run_seeds(qcfg, scfg, args.output, seeds, downstream=not args.no_downstream,
-                  progress=not args.no_progress)
+        run_seeds(
+            qcfg,
+            scfg,
+            args.output,
+            seeds,
+            downstream=not args.no_downstream,
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -359,47 +500,54 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _add_quality_parser(sub: Any) -> None:
+    from gradfilter.bench.quality_bench import QualityConfig
+
+    Q = QualityConfig(data="")
     p = sub.add_parser("quality-bench", help="offline selection-quality benchmark")
     p.add_argument("--data", required=True, help="Alpaca-style JSON list to sample the pool from")
     p.add_argument("--foreign", default=None, help="JSON list whose responses serve as 'foreign'")
     p.add_argument("-o", "--output", default="runs/quality")
-    p.add_argument("--pool", type=int, default=400)
-    p.add_argument("--heldout", type=int, default=100)
-    p.add_argument("--fraction", type=float, default=0.2, help="share of the pool corrupted")
+    p.add_argument("--pool", type=int, default=Q.pool)
+    p.add_argument("--heldout", type=int, default=Q.heldout)
+    p.add_argument("--fraction", type=float, default=Q.fraction, help="share of the pool corrupted")
     p.add_argument("--methods", default="gsnr,drop,late_var,grand,loss,ifd,ifd_ppl,random")
-    p.add_argument("--select-ratio", type=float, default=0.1)
-    p.add_argument("--train-steps", type=int, default=60)
-    p.add_argument("--train-batch", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--select-ratio", type=float, default=Q.select_ratio)
+    p.add_argument("--train-steps", type=int, default=Q.train_steps)
+    p.add_argument("--train-batch", type=int, default=Q.train_batch)
+    p.add_argument("--eval-every", type=int, default=Q.eval_every)
     p.add_argument("--no-downstream", action="store_true")
     p.add_argument("--proxy", default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--members", type=int, default=5)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--early", type=int, default=1)
-    p.add_argument("--late", type=int, default=2)
+    p.add_argument("--dtype", default=D.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--members", type=int, default=D.members)
+    p.add_argument("--rank", type=int, default=D.rank)
+    p.add_argument("--epochs", type=int, default=D.epochs)
+    p.add_argument("--early", type=int, default=D.early)
+    p.add_argument("--late", type=int, default=D.late)
     p.add_argument("--snapshots", default=None, help="as for score (e.g. all)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--formula", choices=list(FORMULAS), default="paper")
-    p.add_argument("--norms", choices=["snapshot", "inflight"], default="snapshot")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora-layers-from", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=D.warmup_steps)
+    p.add_argument("--formula", choices=list(FORMULAS), default=D.formula)
+    p.add_argument("--norms", choices=["snapshot", "inflight"], default=D.norms)
+    p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--lora-layers-from", type=int, default=D.lora_layers_from)
     p.add_argument("--prefix-cache", action="store_true")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--token-budget", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", default=None, help="comma-separated seeds, one run each "
-                                                 "(OUTDIR/seed-<s>) and an aggregate")
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--max-length", type=int, default=Q.max_length)
+    p.add_argument("--token-budget", type=int, default=D.token_budget)
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, one run each (OUTDIR/seed-<s>) and an aggregate",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_quality)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gradfilter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score_parser(sub)
     _add_quality_parser(sub)
@@ -411,19 +559,30 @@ def main(argv: list[str] | None = None) -> int:
         if name == "norms":
             p.add_argument("data", help="Alpaca-style JSON list or JSONL file")
             p.add_argument("-o", "--output", help="write {index, grad_norm} JSONL here")
-        p.add_argument("--proxy", default=None,
-                       help="hub id, local model folder or .gguf file (default: offline SmolLM2-135M)")
-        p.add_argument("--rank", type=int, default=8)
-        p.add_argument("--alpha", type=float, default=16)
+        p.add_argument(
+            "--proxy",
+            default=None,
+            help="hub id, local model folder or .gguf file (default: offline SmolLM2-135M)",
+        )
+        p.add_argument("--rank", type=int, default=D.rank)
+        p.add_argument("--alpha", type=float, default=D.alpha)
         p.add_argument("--targets", default=DEFAULT_TARGETS)
         p.add_argument("--rows", type=int, default=0, help="score only the first N rows")
-        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--batch-size", type=int, default=D.batch_size)
         p.add_argument("--max-length", type=int, default=256)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--init-b", type=float, default=0.02,
-                       help="std of a random LoRA B init (0 keeps peft's zeros)")
-        p.add_argument("--check", type=int, default=4 if name == "demo" else 0,
-                       help="verify the first N rows against the per-example autograd loop")
+        p.add_argument("--seed", type=int, default=D.seed)
+        p.add_argument(
+            "--init-b",
+            type=float,
+            default=0.02,
+            help="std of a random LoRA B init (0 keeps peft's zeros)",
+        )
+        p.add_argument(
+            "--check",
+            type=int,
+            default=4 if name == "demo" else 0,
+            help="verify the first N rows against the per-example autograd loop",
+        )
         p.set_defaults(data=None, output=None, func=_norms)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,7 +1,7 @@
 """GradFiltering end to end (compatibility module): the run lives in
 :mod:`gradfilter.run`; these names stay importable from here."""
 
-from gradfilter.run.score import (  # noqa: F401
+from gradfilter.run.score import (  # noqa: F401  (the public names)
     CHECKPOINT_FILE,
     NORMS_FILE,
     RUN_FILE,

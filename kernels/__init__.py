@@ -11,4 +11,3 @@ explicitly (``from gradfilter.kernels import lora_norms``) once
 :func:`gradfilter.norms.ops.triton_available` says they can run.  To use the CPU
 interpreter set ``TRITON_INTERPRET=1`` before that import.
 """
-

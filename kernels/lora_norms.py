@@ -90,8 +90,19 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 @triton.jit
 def _accumulate_rows(
-    acc, left_ptr, right_ptr, row0, n_rows, offs_a, offs_b, mask_a, mask_b,
-    stride_lm, stride_la, stride_rm, stride_rb,
+    acc,
+    left_ptr,
+    right_ptr,
+    row0,
+    n_rows,
+    offs_a,
+    offs_b,
+    mask_a,
+    mask_b,
+    stride_lm,
+    stride_la,
+    stride_rm,
+    stride_rb,
     BLOCK_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -173,9 +184,21 @@ def _outer_sq_norm_direct_kernel(
     mask_b = offs_b < b
 
     acc = _accumulate_rows(
-        tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32), left_ptr, right_ptr, row0, n_rows,
-        offs_a, offs_b, mask_a, mask_b, stride_lm, stride_la, stride_rm, stride_rb,
-        BLOCK_T, INPUT_PRECISION,
+        tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32),
+        left_ptr,
+        right_ptr,
+        row0,
+        n_rows,
+        offs_a,
+        offs_b,
+        mask_a,
+        mask_b,
+        stride_lm,
+        stride_la,
+        stride_rm,
+        stride_rb,
+        BLOCK_T,
+        INPUT_PRECISION,
     )
 
     if SPLIT_T:
@@ -345,9 +368,21 @@ def _outer_grad_sq_norm_kernel(
         start = tl.load(cu_ptr + example).to(tl.int64)
         n_rows = (tl.load(cu_ptr + example + 1).to(tl.int64) - start).to(tl.int32)
         acc = _accumulate_rows(
-            tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32), left_ptr, right_ptr, start, n_rows,
-            offs_a, offs_b, mask_a, mask_b, stride_lm, stride_la, stride_rm, stride_rb,
-            BLOCK_T, INPUT_PRECISION,
+            tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32),
+            left_ptr,
+            right_ptr,
+            start,
+            n_rows,
+            offs_a,
+            offs_b,
+            mask_a,
+            mask_b,
+            stride_lm,
+            stride_la,
+            stride_rm,
+            stride_rb,
+            BLOCK_T,
+            INPUT_PRECISION,
         )
         tl.store(sq_ptr + example * stride_se + tile, tl.sum(acc * acc))
         total += acc
@@ -727,9 +762,19 @@ def outer_sq_norms_direct(
         return (n_ex * n_chunks * tiles,)
 
     args = (
-        left, right, cu, part,
-        a, b, n_chunks, rpp, triton.next_power_of_2(max_len),
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        left,
+        right,
+        cu,
+        part,
+        a,
+        b,
+        n_chunks,
+        rpp,
+        triton.next_power_of_2(max_len),
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
         *strides,
     )
     precision = _input_precision(left.dtype, allow_tf32)
@@ -788,9 +833,18 @@ def outer_sq_norms_gram(
         return (n_ex * n_pairs(meta["BLOCK_T"]),)
 
     args = (
-        left, right, cu, part,
-        a, b, max_len, triton.next_power_of_2(max_len),
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        left,
+        right,
+        cu,
+        part,
+        a,
+        b,
+        max_len,
+        triton.next_power_of_2(max_len),
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
         part.stride(0),
     )
     precision = _input_precision(left.dtype, allow_tf32)
@@ -833,7 +887,9 @@ def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> torc
     if not isinstance(groups, torch.Tensor):
         raise TypeError(f"groups must be a torch.Tensor, got {type(groups).__name__}")
     if groups.dim() != 1 or groups.numel() < 2:
-        raise ValueError(f"groups must be a 1-D tensor [G + 1] with G >= 1, got shape {tuple(groups.shape)}")
+        raise ValueError(
+            f"groups must be a 1-D tensor [G + 1] with G >= 1, got shape {tuple(groups.shape)}"
+        )
     if groups.dtype not in _INDEX_DTYPES:
         raise TypeError(f"groups must be int32 or int64, got {groups.dtype}")
     if groups.device != device:
@@ -841,7 +897,8 @@ def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> torc
     g = groups.detach().to("cpu", torch.int64)
     if int(g[0]) != 0 or int(g[-1]) != n_ex:
         raise ValueError(
-            f"groups must run from 0 to the number of examples {n_ex}, got {int(g[0])} .. {int(g[-1])}"
+            f"groups must run from 0 to the number of examples {n_ex}, "
+            f"got {int(g[0])} .. {int(g[-1])}"
         )
     if bool((g[1:] < g[:-1]).any()):
         raise ValueError("groups must be non-decreasing")
@@ -888,7 +945,9 @@ def outer_grad_sq_norms(
         return grad, sq
     largest = int((g_host[1:] - g_host[:-1]).max())
     if examples_per_program is None:
-        tiles = triton.cdiv(a, _pow2_clamp(a, MIN_DOT, 64)) * triton.cdiv(b, _pow2_clamp(b, MIN_DOT, 64))
+        tiles = triton.cdiv(a, _pow2_clamp(a, MIN_DOT, 64)) * triton.cdiv(
+            b, _pow2_clamp(b, MIN_DOT, 64)
+        )
         chunks = max(1, min(largest, triton.cdiv(_target_programs(left.device), n_groups * tiles)))
         epp = triton.cdiv(largest, chunks)
     else:
@@ -913,10 +972,23 @@ def outer_grad_sq_norms(
         return (n_groups * n_chunks * tiles,)
 
     args = (
-        left, right, cu, groups.contiguous(), sq_part, part,
-        a, b, n_chunks, epp, triton.next_power_of_2(max_len),
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        sq_part.stride(0), *part.stride(),
+        left,
+        right,
+        cu,
+        groups.contiguous(),
+        sq_part,
+        part,
+        a,
+        b,
+        n_chunks,
+        epp,
+        triton.next_power_of_2(max_len),
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        sq_part.stride(0),
+        *part.stride(),
     )
     precision = _input_precision(left.dtype, allow_tf32)
     if tuned:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from gradfilter.io.models import tiny_gpt2, tiny_llama
 from gradfilter.norms.oracles import (
     functorch_per_example_grad_norms,
     loop_per_example_grad_norms,
     opacus_ghost_norms,
     opacus_per_example_grad_norms,
 )
-from gradfilter.io.models import tiny_gpt2, tiny_llama
 
 pytest.importorskip("opacus")
 
@@ -55,7 +55,7 @@ def make_batch(side: str, seq_len: int = 12, vocab: int = 97):
     ids = torch.full((3, seq_len), vocab - 1, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for i, (n, p) in enumerate(zip(lengths, prompts)):
+    for i, (n, p) in enumerate(zip(lengths, prompts, strict=False)):
         pos = slice(0, n) if side == "right" else slice(seq_len - n, seq_len)
         tokens = torch.randint(0, vocab, (n,), generator=gen)
         ids[i, pos] = tokens
@@ -112,12 +112,14 @@ def test_per_param_agree(model):
 def test_opacus_leaves_model_clean(model):
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [torch.full_like(p, 2.0) for p in trainable]
-    for p, g in zip(trainable, before):
+    for p, g in zip(trainable, before, strict=False):
         p.grad = g
     try:
         for fn in (opacus_per_example_grad_norms, opacus_ghost_norms):
             fn(model, *make_batch("right"))
-        assert all(p.grad is g and bool((g == 2.0).all()) for p, g in zip(trainable, before))
+        assert all(
+            p.grad is g and bool((g == 2.0).all()) for p, g in zip(trainable, before, strict=False)
+        )
     finally:
         for p in trainable:
             p.grad = None

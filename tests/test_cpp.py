@@ -322,9 +322,9 @@ def test_public_api_cpp_backend_matches_reference(monkeypatch, kind):
     from peft import LoraConfig, get_peft_model
 
     from gradfilter import per_example_grad_norms
+    from gradfilter.io.models import tiny_gpt2, tiny_llama
     from gradfilter.norms import ops
     from gradfilter.norms.oracles import loop_per_example_grad_norms
-    from gradfilter.io.models import tiny_gpt2, tiny_llama
 
     base = tiny_gpt2(dtype=torch.float64) if kind == "gpt2" else tiny_llama(dtype=torch.float64)
     targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]

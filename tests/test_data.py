@@ -113,7 +113,7 @@ def _supervised_runs(enc: Encoded) -> list[list[int]]:
     """Maximal runs of consecutive supervised tokens."""
     runs: list[list[int]] = []
     prev = False
-    for tok, lab in zip(enc.input_ids, enc.labels):
+    for tok, lab in zip(enc.input_ids, enc.labels, strict=False):
         sup = lab != -100
         if sup:
             assert lab == tok
@@ -363,7 +363,7 @@ def test_smollm2_real_data_smoke(smollm2_tokenizer: Any) -> None:
     n_ok = statuses.count("ok")
     assert n_ok > 150
     assert set(statuses) <= {"ok", "no response tokens within max_length 256"}
-    for enc, st in zip(encoded, statuses):
+    for enc, st in zip(encoded, statuses, strict=False):
         if st == "ok":
             assert enc is not None and 0 < enc.n_response_tokens <= len(enc.input_ids) <= 256
             assert enc.truncated == (enc.n_tokens > 256)

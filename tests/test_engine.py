@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from gradfilter import per_example_grad_norms
-from gradfilter.norms.oracles import loop_per_example_grad_norms
 from gradfilter.io.models import tiny_gpt2, tiny_llama
+from gradfilter.norms.oracles import loop_per_example_grad_norms
 
 GPT2_ATTN = ["c_attn", "c_proj"]
 LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -18,7 +18,9 @@ LLAMA_ALL = LLAMA_ATTN + ["gate_proj", "up_proj", "down_proj"]
 
 
 def make_model(kind: str, dtype=torch.float64, seed: int = 0):
-    return tiny_gpt2(seed=seed, dtype=dtype) if kind == "gpt2" else tiny_llama(seed=seed, dtype=dtype)
+    return (
+        tiny_gpt2(seed=seed, dtype=dtype) if kind == "gpt2" else tiny_llama(seed=seed, dtype=dtype)
+    )
 
 
 def lorafy(model, seed: int = 1, **cfg):
@@ -59,22 +61,40 @@ def assert_close(got, want, rtol):
     assert got.shape == want.shape
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
     ok = ~want.isnan()
-    rel = ((got[ok] - want[ok]).abs() / want[ok].abs().clamp_min(1e-30)).max().item() if ok.any() else 0.0
+    rel = (
+        ((got[ok] - want[ok]).abs() / want[ok].abs().clamp_min(1e-30)).max().item()
+        if ok.any()
+        else 0.0
+    )
     assert rel <= rtol, f"max relative error {rel:.3e} > {rtol:.0e}\n got {got}\nwant {want}"
 
 
 PEFT_CONFIGS = {
-    "attn-r8": lambda kind: dict(r=8, lora_alpha=16, lora_dropout=0.05,
-                                 target_modules=GPT2_ATTN if kind == "gpt2" else LLAMA_ATTN),
+    "attn-r8": lambda kind: dict(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=GPT2_ATTN if kind == "gpt2" else LLAMA_ATTN,
+    ),
     "all-r1-bias-all": lambda kind: dict(
-        r=1, lora_alpha=2, bias="all",
-        target_modules=GPT2_ATTN + ["c_fc"] if kind == "gpt2" else LLAMA_ALL),
+        r=1,
+        lora_alpha=2,
+        bias="all",
+        target_modules=GPT2_ATTN + ["c_fc"] if kind == "gpt2" else LLAMA_ALL,
+    ),
     "rslora-lora-only-bias-save-head": lambda kind: dict(
-        r=4, lora_alpha=8, use_rslora=True, bias="lora_only", modules_to_save=["lm_head"],
-        target_modules=["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]),
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        bias="lora_only",
+        modules_to_save=["lm_head"],
+        target_modules=["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"],
+    ),
     "embedding-lora": lambda kind: dict(
-        r=2, lora_alpha=4,
-        target_modules=["wte", "c_attn"] if kind == "gpt2" else ["embed_tokens", "v_proj"]),
+        r=2,
+        lora_alpha=4,
+        target_modules=["wte", "c_attn"] if kind == "gpt2" else ["embed_tokens", "v_proj"],
+    ),
 }
 
 
@@ -93,11 +113,18 @@ def test_peft_matches_loop_float64(kind, cfg, side):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_peft_matches_loop_float32(kind):
-    model = lorafy(make_model(kind, torch.float32), r=8, lora_alpha=16,
-                   target_modules=GPT2_ATTN if kind == "gpt2" else LLAMA_ALL)
+    model = lorafy(
+        make_model(kind, torch.float32),
+        r=8,
+        lora_alpha=16,
+        target_modules=GPT2_ATTN if kind == "gpt2" else LLAMA_ALL,
+    )
     ids, labels, mask = make_batch([13, 4, 9], 13, side="right", seed=3)
-    assert_close(per_example_grad_norms(model, ids, labels, mask),
-                 loop_per_example_grad_norms(model, ids, labels, mask), 1e-4)
+    assert_close(
+        per_example_grad_norms(model, ids, labels, mask),
+        loop_per_example_grad_norms(model, ids, labels, mask),
+        1e-4,
+    )
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -108,8 +135,11 @@ def test_full_model_trainable(kind):
     for p in model.parameters():
         p.requires_grad_(True)
     ids, labels, mask = make_batch([6, 9, 2], 9, side="right", seed=4)
-    assert_close(per_example_grad_norms(model, ids, labels, mask),
-                 loop_per_example_grad_norms(model, ids, labels, mask), 1e-5)
+    assert_close(
+        per_example_grad_norms(model, ids, labels, mask),
+        loop_per_example_grad_norms(model, ids, labels, mask),
+        1e-5,
+    )
     got = per_example_grad_norms(model, ids, labels, mask, per_param=True)
     want = loop_per_example_grad_norms(model, ids, labels, mask, per_param=True)
     assert set(got) == set(want) == {n for n, p in model.named_parameters()}
@@ -119,8 +149,12 @@ def test_full_model_trainable(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_sum_reduction_and_uniform_batch(kind):
-    model = lorafy(make_model(kind), r=2, lora_alpha=4,
-                   target_modules=GPT2_ATTN if kind == "gpt2" else LLAMA_ATTN)
+    model = lorafy(
+        make_model(kind),
+        r=2,
+        lora_alpha=4,
+        target_modules=GPT2_ATTN if kind == "gpt2" else LLAMA_ATTN,
+    )
     ids, labels, mask = make_batch([8, 8], 8, seed=5)
     got = per_example_grad_norms(model, ids, labels, mask, reduction="sum")
     assert_close(got, loop_per_example_grad_norms(model, ids, labels, mask, reduction="sum"), 1e-5)
@@ -133,8 +167,9 @@ def test_sum_reduction_and_uniform_batch(kind):
     [([1], 1, ()), ([5], 5, ()), ([7, 1, 60], 60, ()), ([3, 6], 6, (0, 1)), ([2, 2, 2], 2, ())],
 )
 def test_odd_shapes(lengths, seq_len, empty):
-    model = lorafy(make_model("gpt2", dtype=torch.float64), r=3, lora_alpha=5,
-                   target_modules=GPT2_ATTN)
+    model = lorafy(
+        make_model("gpt2", dtype=torch.float64), r=3, lora_alpha=5, target_modules=GPT2_ATTN
+    )
     ids, labels, mask = make_batch(lengths, seq_len, prompt=1, empty=empty)
     got = per_example_grad_norms(model, ids, labels, mask)
     assert_close(got, loop_per_example_grad_norms(model, ids, labels, mask), 1e-5)
@@ -147,15 +182,19 @@ def test_odd_shapes(lengths, seq_len, empty):
 def test_call_leaves_model_as_found():
     model = lorafy(make_model("gpt2"), r=4, lora_alpha=8, target_modules=GPT2_ATTN)
     model.train()
-    hooks_before = {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                    for n, m in model.named_modules()}
+    hooks_before = {
+        n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for n, m in model.named_modules()
+    }
     ids, labels, mask = make_batch([5, 3], 5)
     per_example_grad_norms(model, ids, labels, mask)
     assert model.training
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
-    hooks_after = {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                   for n, m in model.named_modules()}
+    hooks_after = {
+        n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for n, m in model.named_modules()
+    }
     assert hooks_after == hooks_before
     model.eval()
     per_example_grad_norms(model, ids, labels, mask)
@@ -174,8 +213,9 @@ def test_existing_grad_untouched_and_no_grad_context():
 
 
 def test_train_mode_applies_dropout():
-    model = lorafy(make_model("gpt2"), r=4, lora_alpha=8, lora_dropout=0.5,
-                   target_modules=GPT2_ATTN)
+    model = lorafy(
+        make_model("gpt2"), r=4, lora_alpha=8, lora_dropout=0.5, target_modules=GPT2_ATTN
+    )
     ids, labels, mask = make_batch([9, 9], 9)
     a = per_example_grad_norms(model, ids, labels, mask)
     b = per_example_grad_norms(model, ids, labels, mask)

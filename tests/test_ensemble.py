@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
+from test_engine import assert_close, make_batch
 
 from gradfilter import LoRAEnsemble, per_example_grad_norms
-from gradfilter.norms.oracles import loop_per_example_grad_norms
-from gradfilter.method.ensemble import member_schedule
 from gradfilter.io.models import tiny_gpt2, tiny_llama
-from test_engine import assert_close, make_batch
+from gradfilter.method.schedule import member_schedule
+from gradfilter.norms.oracles import loop_per_example_grad_norms
 
 
 def base(kind, dtype=torch.float32):
@@ -21,7 +21,7 @@ def base(kind, dtype=torch.float32):
 def dataset(n=24, seq=12, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for i in range(n):
+    for _i in range(n):
         length = int(torch.randint(4, seq + 1, (1,), generator=gen))
         ids = torch.randint(0, 97, (length,), generator=gen)
         labels = ids.clone()
@@ -53,8 +53,9 @@ def train(ens, rows, epochs=2, batch_size=4, lr=1e-2, data_seed=0, max_tokens=No
 def test_base_runs_once_per_batch(kind):
     ens = LoRAEnsemble(base(kind), members=4, r=2, alpha=4)
     calls = []
-    ens.base.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
-                                   with_kwargs=True)
+    ens.base.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     ids, labels, mask = make_batch([6, 4, 5], 6)
     norms = ens.per_example_grad_norms(ids, labels, mask)
     assert norms.shape == (4, 3)
@@ -73,7 +74,9 @@ def test_member_norms_match_per_member_loop(kind):
     for m in range(3):
         single = LoRAEnsemble(base(kind, torch.float64), members=1, r=4, alpha=8).eval()
         with torch.no_grad():
-            for (n1, p1), (_, p3) in zip(single.adapters.named_parameters(), ens.adapters.named_parameters()):
+            for (_n1, p1), (_, p3) in zip(
+                single.adapters.named_parameters(), ens.adapters.named_parameters(), strict=False
+            ):
                 p1.copy_(p3[m : m + 1])
         want = loop_per_example_grad_norms(single, ids, labels, mask)
         assert_close(got[m], want, 1e-5)
@@ -84,12 +87,16 @@ def test_training_together_equals_training_alone(kind):
     rows = dataset(20)
     together = LoRAEnsemble(base(kind), members=3, r=4, alpha=8, dropout=0.2, seed=10)
     train(together, rows)
-    moved = sum((p - 0).abs().sum() for n, p in together.adapters.named_parameters() if "lora_B" in n)
+    moved = sum(
+        (p - 0).abs().sum() for n, p in together.adapters.named_parameters() if "lora_B" in n
+    )
     assert moved > 0
     for m, s in enumerate(together.member_seeds):
         alone = LoRAEnsemble(base(kind), members=1, r=4, alpha=8, dropout=0.2, member_seeds=[s])
         train(alone, rows)
-        for (name, pa), (_, pt) in zip(alone.adapters.named_parameters(), together.adapters.named_parameters()):
+        for (name, pa), (_, pt) in zip(
+            alone.adapters.named_parameters(), together.adapters.named_parameters(), strict=False
+        ):
             torch.testing.assert_close(pa[0], pt[m], rtol=1e-4, atol=1e-5, msg=f"member {m} {name}")
     # Different seeds give different members.
     a = together.adapters[next(iter(together.adapters.keys()))].lora_A.weight
@@ -102,7 +109,9 @@ def test_chunked_steps_equal_whole_steps():
     chunked = LoRAEnsemble(base("llama"), members=2, r=2, alpha=4, dropout=0.3)
     train(whole, rows, epochs=1)
     train(chunked, rows, epochs=1, max_tokens=30)  # one or two rows per chunk
-    for (name, a), (_, b) in zip(whole.adapters.named_parameters(), chunked.adapters.named_parameters()):
+    for (name, a), (_, b) in zip(
+        whole.adapters.named_parameters(), chunked.adapters.named_parameters(), strict=False
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert whole.step == chunked.step == 4
 
@@ -129,7 +138,9 @@ def test_schedule_properties():
     orders = [[i for step in steps for i in step[m]] for m in range(3)]
     assert orders[0] != orders[1]  # members see different orders
     again = member_schedule(lengths, 2, 0, [1], data_seed=3, level_batches=2)
-    assert [s[0] for s in again] == [s[1] for s in steps]  # member 1 alone = member 1 in the ensemble
+    assert [s[0] for s in again] == [
+        s[1] for s in steps
+    ]  # member 1 alone = member 1 in the ensemble
 
 
 def test_bad_arguments():

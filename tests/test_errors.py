@@ -15,7 +15,9 @@ from gradfilter.io.models import tiny_gpt2
 
 @pytest.fixture(scope="module")
 def model():
-    return get_peft_model(tiny_gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"])).eval()
+    return get_peft_model(
+        tiny_gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"])
+    ).eval()
 
 
 def batch(bsz=2, seq=5):
@@ -25,7 +27,9 @@ def batch(bsz=2, seq=5):
 
 def test_mismatched_shapes(model):
     ids, labels = batch()
-    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, 5\), got \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"labels must have the shape of input_ids \(2, 5\), got \(2, 4\)"
+    ):
         per_example_grad_norms(model, ids, labels[:, :4])
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
         per_example_grad_norms(model, ids, labels, torch.ones(3, 5, dtype=torch.long))

@@ -8,23 +8,26 @@ import pytest
 import torch
 
 from gradfilter import LoRAEnsemble
-from gradfilter.norms import ops
-from gradfilter.norms import reference as ref
-from gradfilter.norms import routes
-from gradfilter.norms.fused import NormRecorder, StackedMatmul
 from gradfilter.io.models import tiny_gpt2, tiny_llama
+from gradfilter.norms import ops, routes
+from gradfilter.norms import reference as ref
+from gradfilter.norms.fused import NormRecorder, StackedMatmul
 
 
 def loop_grad_sq(left, right, cu, groups):
     """The oracle: every example's gradient formed explicitly."""
-    tiles = [left[cu[i]:cu[i + 1]].double().T @ right[cu[i]:cu[i + 1]].double()
-             for i in range(len(cu) - 1)]
+    tiles = [
+        left[cu[i] : cu[i + 1]].double().T @ right[cu[i] : cu[i + 1]].double()
+        for i in range(len(cu) - 1)
+    ]
     sq = torch.stack([t.square().sum() for t in tiles]) if tiles else torch.zeros(0)
     a, b = left.shape[1], right.shape[1]
-    grad = torch.stack([
-        sum(tiles[groups[g]:groups[g + 1]], torch.zeros(a, b, dtype=torch.float64))
-        for g in range(len(groups) - 1)
-    ])
+    grad = torch.stack(
+        [
+            sum(tiles[groups[g] : groups[g + 1]], torch.zeros(a, b, dtype=torch.float64))
+            for g in range(len(groups) - 1)
+        ]
+    )
     return grad, sq
 
 
@@ -131,7 +134,9 @@ def test_reference_matches_oracle_with_blocking(monkeypatch):
     for budget in (1 << 24, 20, 1):  # blocks of examples, of gradient rows, one row at a time
         monkeypatch.setattr(routes, "TEMP_BUDGET", budget)
         grad, sq = ref.outer_grad_sq_norms_ref(lz, right)
-        assert torch.allclose(grad, want_grad, rtol=1e-12) and torch.allclose(sq, want_sq, rtol=1e-12)
+        assert torch.allclose(grad, want_grad, rtol=1e-12) and torch.allclose(
+            sq, want_sq, rtol=1e-12
+        )
 
 
 def _cpp_or_skip():
@@ -197,8 +202,9 @@ def test_seam_bad_shapes():
     with pytest.raises(ValueError, match=r"\[G, n, T, a\]"):
         ops.grad_and_sq_norms(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="valid must be"):
-        ops.grad_and_sq_norms(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5),
-                              torch.ones(2, 3, dtype=torch.bool))
+        ops.grad_and_sq_norms(
+            torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5), torch.ones(2, 3, dtype=torch.bool)
+        )
 
 
 # -- StackedMatmul: autograd, recording, vmap ------------------------------------------
@@ -214,7 +220,7 @@ def stacked_inputs(members=3, n=2, seq=5, d_in=6, d_out=4, seed=9):
 def test_stacked_matmul_forward_and_gradcheck():
     x, w = stacked_inputs()
     y = StackedMatmul.apply(x, w, None)
-    want = torch.stack([x[m * 2:(m + 1) * 2] @ w[m].T for m in range(3)]).reshape(6, 5, 4)
+    want = torch.stack([x[m * 2 : (m + 1) * 2] @ w[m].T for m in range(3)]).reshape(6, 5, 4)
     assert torch.allclose(y, want)
     assert torch.autograd.gradcheck(lambda a, b: StackedMatmul.apply(a, b, None), (x, w))
 
@@ -280,7 +286,9 @@ def test_vmap_with_batched_weights():
     assert torch.allclose(got, want)
     xs = torch.randn(4, 6, 5, 6, generator=gen, dtype=torch.float64)
     both = torch.func.vmap(lambda a, b: StackedMatmul.apply(a, b, None))(xs, ws)
-    assert torch.allclose(both, torch.stack([StackedMatmul.apply(a, b, None) for a, b in zip(xs, ws)]))
+    assert torch.allclose(
+        both, torch.stack([StackedMatmul.apply(a, b, None) for a, b in zip(xs, ws, strict=False)])
+    )
 
 
 def test_per_example_gradients_through_vmap_of_grad():
@@ -288,7 +296,9 @@ def test_per_example_gradients_through_vmap_of_grad():
     _, w = stacked_inputs()
     w = w.detach()
     gen = torch.Generator().manual_seed(13)
-    xs = torch.randn(5, 3, 4, 6, generator=gen, dtype=torch.float64)  # 5 samples of 3 rows (1/member)
+    xs = torch.randn(
+        5, 3, 4, 6, generator=gen, dtype=torch.float64
+    )  # 5 samples of 3 rows (1/member)
 
     def f(weight, a):
         return StackedMatmul.apply(a, weight, None).tanh().sum()
@@ -326,8 +336,8 @@ def member_batches(members, bsz, seed, vocab=96):
         labels = ids.clone()
         labels[:, :2] = -100
         mask = torch.ones_like(ids)
-        mask[0, seq - 3:] = 0  # a right-padded row
-        labels[0, seq - 3:] = -100
+        mask[0, seq - 3 :] = 0  # a right-padded row
+        labels[0, seq - 3 :] = -100
         out.append((ids, labels, mask))
     return out
 
@@ -347,9 +357,16 @@ def test_recorded_norms_equal_engine_norms_without_dropout(kind):
         for ad in ens.adapters.values():
             ad.lora_B.weight.normal_(std=0.05)
     batches = member_batches(3, 3, seed=1)
-    want = torch.stack([
-        ens.per_example_grad_norms(ids, labels, mask)[m] for m, (ids, labels, mask) in enumerate(batches)
-    ]).double().square()
+    want = (
+        torch.stack(
+            [
+                ens.per_example_grad_norms(ids, labels, mask)[m]
+                for m, (ids, labels, mask) in enumerate(batches)
+            ]
+        )
+        .double()
+        .square()
+    )
     opt = ens.make_optimizer(lr=1e-3)
     losses, sq = ens.train_step(batches, opt, record_norms=True)
     assert sq.shape == (3, 3) and losses.shape == (3,)
@@ -375,15 +392,21 @@ def test_recorded_norms_with_dropout_and_chunks_match_per_row_autograd(kind):
     # the gradient of its own mean loss by plain autograd.
     seq = max(b[0].shape[1] for b in batches)
     lengths = [b[0].shape[1] for b in batches]
-    pad = [torch.nn.functional.pad(t, (0, seq - t.shape[1]), value=v)
-           for b in batches for t, v in zip(b, (0, -100, 0))]
-    ids = torch.stack(pad[0::3]); labels = torch.stack(pad[1::3]); mask = torch.stack(pad[2::3])
+    pad = [
+        torch.nn.functional.pad(t, (0, seq - t.shape[1]), value=v)
+        for b in batches
+        for t, v in zip(b, (0, -100, 0), strict=False)
+    ]
+    ids = torch.stack(pad[0::3])
+    labels = torch.stack(pad[1::3])
+    mask = torch.stack(pad[2::3])
     ens.train()
     ens.base.eval()
     want = torch.zeros(2, 4, dtype=torch.float64)
     for j in range(4):
-        sums, count = ens.member_ce_sums(ids[:, j], labels[:, j], mask[:, j],
-                                         dropout_context={"lengths": lengths, "first_row": j})
+        sums, count = ens.member_ce_sums(
+            ids[:, j], labels[:, j], mask[:, j], step_context={"lengths": lengths, "first_row": j}
+        )
         params = ens.trainable_parameters()
         grads = torch.autograd.grad((sums / count).sum(), params)
         for m in range(2):
@@ -409,10 +432,14 @@ def test_recording_leaves_training_unchanged():
         opt = ens.make_optimizer(lr=1e-2)
         for _ in range(2):
             out = ens.train_step(batches, opt, record_norms=record)
-        results.append((out[0] if record else out, [p.detach().clone() for p in ens.trainable_parameters()]))
+        results.append(
+            (out[0] if record else out, [p.detach().clone() for p in ens.trainable_parameters()])
+        )
         ens.remove()
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-12)
-    for a, b in zip(results[0][1], results[1][1]):  # the same sum, added in another order
+    for a, b in zip(
+        results[0][1], results[1][1], strict=False
+    ):  # the same sum, added in another order
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
@@ -439,9 +466,16 @@ def test_recorded_norms_with_kernel_backends(monkeypatch, backend):
             ad.lora_B.weight.normal_(std=0.05)
     batches = member_batches(2, 2, seed=5)
     monkeypatch.setenv("GRADFILTER_BACKEND", "reference")
-    want = torch.stack([
-        ens.per_example_grad_norms(ids, labels, mask)[m] for m, (ids, labels, mask) in enumerate(batches)
-    ]).double().square()
+    want = (
+        torch.stack(
+            [
+                ens.per_example_grad_norms(ids, labels, mask)[m]
+                for m, (ids, labels, mask) in enumerate(batches)
+            ]
+        )
+        .double()
+        .square()
+    )
     monkeypatch.setenv("GRADFILTER_BACKEND", backend)
     _, sq = ens.train_step(batches, ens.make_optimizer(), record_norms=True)
     assert torch.allclose(sq, want, rtol=1e-4)

@@ -12,7 +12,11 @@ from gradfilter.io.models import tiny_gpt2, tiny_tokenizer
 from gradfilter.run.score import ScoreConfig, score
 
 ROWS = [
-    {"instruction": f"Question {i}: what is {i} plus {i}?", "input": "", "output": f"It is {2 * i}." * (1 + i % 3)}
+    {
+        "instruction": f"Question {i}: what is {i} plus {i}?",
+        "input": "",
+        "output": f"It is {2 * i}." * (1 + i % 3),
+    }
     for i in range(11)
 ]
 
@@ -22,7 +26,9 @@ def proxy():
 
 
 def run(**kw):
-    cfg = ScoreConfig(**{**dict(members=3, rank=4, alpha=8, epochs=2, batch_size=4, max_length=96), **kw})
+    cfg = ScoreConfig(
+        **{**dict(members=3, rank=4, alpha=8, epochs=2, batch_size=4, max_length=96), **kw}
+    )
     return score(ROWS, None, cfg, progress=False, log=lambda s: None, model_and_tokenizer=proxy())
 
 
@@ -54,15 +60,35 @@ def test_inflight_scores_every_row_and_records_the_epochs_apart():
 
 
 def test_inflight_resumes_to_the_same_scores(tmp_path):
-    cfg = dict(members=2, rank=4, alpha=8, epochs=2, batch_size=4, max_length=96, lr=5e-3,
-               norms="inflight")
-    whole = score(ROWS, str(tmp_path / "a"), ScoreConfig(**cfg), progress=False, log=lambda s: None,
-                  model_and_tokenizer=proxy())
+    cfg = dict(
+        members=2, rank=4, alpha=8, epochs=2, batch_size=4, max_length=96, lr=5e-3, norms="inflight"
+    )
+    whole = score(
+        ROWS,
+        str(tmp_path / "a"),
+        ScoreConfig(**cfg),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
     with pytest.raises(KeyboardInterrupt):
-        score(ROWS, str(tmp_path / "b"), ScoreConfig(**cfg), progress=False, log=lambda s: None,
-              model_and_tokenizer=proxy(), stop_after=4)
-    resumed = score(ROWS, str(tmp_path / "b"), ScoreConfig(**cfg), progress=False, log=lambda s: None,
-                    model_and_tokenizer=proxy())
+        score(
+            ROWS,
+            str(tmp_path / "b"),
+            ScoreConfig(**cfg),
+            progress=False,
+            log=lambda s: None,
+            model_and_tokenizer=proxy(),
+            stop_after=4,
+        )
+    resumed = score(
+        ROWS,
+        str(tmp_path / "b"),
+        ScoreConfig(**cfg),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
     np.testing.assert_allclose(sq(resumed, "early_sq"), sq(whole, "early_sq"), rtol=1e-6)
     np.testing.assert_allclose(sq(resumed, "late_sq"), sq(whole, "late_sq"), rtol=1e-6)
     assert json.load(open(tmp_path / "b" / "run.json"))["config"]["norms"] == "inflight"

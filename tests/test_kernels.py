@@ -20,11 +20,10 @@ if _SET_INTERPRET:
 pytest.importorskip("triton")
 
 import triton
-from gradfilter.kernels import lora_norms as K
 
-from gradfilter.norms import ops
+from gradfilter.kernels import lora_norms as K
+from gradfilter.norms import ops, routes
 from gradfilter.norms import reference as ref
-from gradfilter.norms import routes
 
 if _SET_INTERPRET:
     # Triton fixed the interpreter mode when the kernels were decorated.  The
@@ -322,7 +321,9 @@ from peft import LoraConfig, get_peft_model
 from gradfilter import per_example_grad_norms
 from gradfilter.norms import ops
 from gradfilter.io.models import tiny_llama
-model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+model = get_peft_model(
+    tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+)
 with torch.no_grad():
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -340,7 +341,8 @@ assert rel < 1e-5, (rel, out)
 print("max rel", rel)
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "max rel" in r.stdout

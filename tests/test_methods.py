@@ -8,24 +8,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_pipeline import CFG, GOOD, proxy, write_jsonl
 
+from gradfilter.method.registry import METHODS
 from gradfilter.method.selectors import (
-    METHODS,
     example_losses,
     ifd_from_losses,
     ifd_rank_scores,
     random_scores,
 )
 from gradfilter.run.score import ScoreConfig, score, select
-from test_pipeline import CFG, GOOD, proxy, write_jsonl
 
 
 def test_ifd_forms_hand_computed():
     cond = np.array([1.0, 2.0, 0.5, np.nan])
     alone = np.array([2.0, 1.0, 0.5, 1.0])
     np.testing.assert_allclose(ifd_from_losses(cond, alone, "loss_ratio")[:3], [0.5, 2.0, 1.0])
-    np.testing.assert_allclose(ifd_from_losses(cond, alone, "ppl_ratio")[:3],
-                               [math.exp(-1), math.exp(1), 1.0])
+    np.testing.assert_allclose(
+        ifd_from_losses(cond, alone, "ppl_ratio")[:3], [math.exp(-1), math.exp(1), 1.0]
+    )
     assert np.isnan(ifd_from_losses(cond, alone)[3])
     assert np.isnan(ifd_from_losses(np.array([1.0]), np.array([0.0]))[0])
     kept = ifd_rank_scores(np.array([0.5, 2.0, 1.0, 0.99]))
@@ -56,12 +57,30 @@ def test_every_method_writes_the_same_schema(tmp_path, method):
     data = tmp_path / "d.jsonl"
     n = write_jsonl(data)
     out = tmp_path / method
-    res = score(str(data), str(out), ScoreConfig(**{**CFG, "members": 2}, method=method),
-                progress=False, model_and_tokenizer=proxy())
+    res = score(
+        str(data),
+        str(out),
+        ScoreConfig(**{**CFG, "members": 2}, method=method),
+        progress=False,
+        model_and_tokenizer=proxy(),
+    )
     recs = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(recs) == n and [r["index"] for r in recs] == list(range(n))
-    base_keys = {"index", "id", "status", "method", "score", "gsnr", "drop", "late_var",
-                 "early_sq", "late_sq", "n_tokens", "truncated", "rank"}
+    base_keys = {
+        "index",
+        "id",
+        "status",
+        "method",
+        "score",
+        "gsnr",
+        "drop",
+        "late_var",
+        "early_sq",
+        "late_sq",
+        "n_tokens",
+        "truncated",
+        "rank",
+    }
     assert all(base_keys <= set(r) for r in recs)
     ok = [r for r in recs if r["status"] == "ok"]
     assert sorted(r["rank"] for r in recs) == list(range(1, n + 1))
@@ -77,7 +96,9 @@ def test_every_method_writes_the_same_schema(tmp_path, method):
             assert r["discarded"] == (r[method] >= 1.0)
             assert (r["score"] is None) == r["discarded"]
         assert all(r["rank"] > len(scored) for r in ok if r["discarded"])
-        assert all(r["ifd_ppl"] == pytest.approx(math.exp(r["cond_loss"] - r["alone_loss"])) for r in ok)
+        assert all(
+            r["ifd_ppl"] == pytest.approx(math.exp(r["cond_loss"] - r["alone_loss"])) for r in ok
+        )
     if method == "loss":
         assert all(r["loss"] == r["score"] and r["loss"] > 0 for r in ok)
     _, chosen = select(str(out), top_k=3)
@@ -93,7 +114,13 @@ def test_unknown_method():
 def test_grand_trains_only_the_early_epochs(tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(data, extra_bad=False)
-    res = score(str(data), None, ScoreConfig(**CFG, method="grand"), dry_run=True,
-                progress=False, model_and_tokenizer=proxy())
+    res = score(
+        str(data),
+        None,
+        ScoreConfig(**CFG, method="grand"),
+        dry_run=True,
+        progress=False,
+        model_and_tokenizer=proxy(),
+    )
     assert res.run["plan"]["training_steps"] == 3  # 12 rows / batch 4, one epoch
     assert len(GOOD) == 12

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from gradfilter.io.models import tiny_gpt2, tiny_tokenizer
 from gradfilter.run.score import ScoreConfig, score, select
@@ -61,7 +60,9 @@ def test_rows_in_rows_out_statuses_and_outputs(tmp_path):
     data = tmp_path / "data.jsonl"
     n = write_jsonl(data)
     out = tmp_path / "out"
-    res = score(str(data), str(out), ScoreConfig(**CFG), progress=False, model_and_tokenizer=proxy())
+    res = score(
+        str(data), str(out), ScoreConfig(**CFG), progress=False, model_and_tokenizer=proxy()
+    )
     recs = read(out)
     assert len(recs) == n == len(res.records)
     assert [r["index"] for r in recs] == list(range(n))
@@ -78,7 +79,9 @@ def test_rows_in_rows_out_statuses_and_outputs(tmp_path):
         assert r["n_tokens"] > 0 and r["truncated"] is False
         mean_e = sum(r["early_sq"]) / 3
         assert r["early_mean"] == pytest.approx(mean_e)
-        assert r["drop"] == pytest.approx((r["early_mean"] - r["late_mean"]) / (r["early_mean"] + 1e-8))
+        assert r["drop"] == pytest.approx(
+            (r["early_mean"] - r["late_mean"]) / (r["early_mean"] + 1e-8)
+        )
     # Ranks: scored rows 1..k by G-SNR, unscored after them in input order.
     ranks = sorted(r["rank"] for r in recs)
     assert ranks == list(range(1, n + 1))
@@ -99,7 +102,9 @@ def test_same_seed_same_scores_and_seed_matters(tmp_path):
     write_jsonl(data, extra_bad=False)
     a = score(str(data), None, ScoreConfig(**CFG), progress=False, model_and_tokenizer=proxy())
     b = score(str(data), None, ScoreConfig(**CFG), progress=False, model_and_tokenizer=proxy())
-    c = score(str(data), None, ScoreConfig(**CFG, seed=1), progress=False, model_and_tokenizer=proxy())
+    c = score(
+        str(data), None, ScoreConfig(**CFG, seed=1), progress=False, model_and_tokenizer=proxy()
+    )
     assert [r["gsnr"] for r in a.records] == [r["gsnr"] for r in b.records]
     assert [r["gsnr"] for r in a.records] != [r["gsnr"] for r in c.records]
 
@@ -107,22 +112,43 @@ def test_same_seed_same_scores_and_seed_matters(tmp_path):
 def test_resume_after_interruption_gives_identical_scores(tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(data)
-    full = score(str(data), str(tmp_path / "full"), ScoreConfig(**CFG), progress=False,
-                 model_and_tokenizer=proxy())
+    full = score(
+        str(data),
+        str(tmp_path / "full"),
+        ScoreConfig(**CFG),
+        progress=False,
+        model_and_tokenizer=proxy(),
+    )
     out = str(tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
-        score(str(data), out, ScoreConfig(**CFG, checkpoint_seconds=0), progress=False,
-              model_and_tokenizer=proxy(), stop_after=3)
+        score(
+            str(data),
+            out,
+            ScoreConfig(**CFG, checkpoint_seconds=0),
+            progress=False,
+            model_and_tokenizer=proxy(),
+            stop_after=3,
+        )
     assert os.path.exists(os.path.join(out, "checkpoint.pt"))
     assert not os.path.exists(os.path.join(out, "scores.jsonl"))
-    resumed = score(str(data), out, ScoreConfig(**CFG, checkpoint_seconds=0), progress=False,
-                    model_and_tokenizer=proxy())
+    resumed = score(
+        str(data),
+        out,
+        ScoreConfig(**CFG, checkpoint_seconds=0),
+        progress=False,
+        model_and_tokenizer=proxy(),
+    )
     assert [r["gsnr"] for r in resumed.records] == [r["gsnr"] for r in full.records]
     assert [r["late_sq"] for r in resumed.records] == [r["late_sq"] for r in full.records]
     # A different configuration in the same folder is refused, not mixed in.
     with pytest.raises(ValueError, match="different run"):
-        score(str(data), out, ScoreConfig(**{**CFG, "members": 2}), progress=False,
-              model_and_tokenizer=proxy())
+        score(
+            str(data),
+            out,
+            ScoreConfig(**{**CFG, "members": 2}),
+            progress=False,
+            model_and_tokenizer=proxy(),
+        )
 
 
 def test_select_writes_input_format(tmp_path):
@@ -157,13 +183,20 @@ def test_python_api_list_and_dataset(tmp_path):
 
 
 def test_chat_rows(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, _, a in GOOD[:6]]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, _, a in GOOD[:6]
+    ]
     rows.append({"messages": [{"role": "user", "content": "no answer"}]})
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    res = score(str(data), None, ScoreConfig(**{**CFG, "members": 2}), progress=False,
-                model_and_tokenizer=proxy())
+    res = score(
+        str(data),
+        None,
+        ScoreConfig(**{**CFG, "members": 2}),
+        progress=False,
+        model_and_tokenizer=proxy(),
+    )
     assert [r["status"] == "ok" for r in res.records] == [True] * 6 + [False]
     assert all(math.isfinite(r["gsnr"]) for r in res.records[:6])
 
@@ -171,8 +204,14 @@ def test_chat_rows(tmp_path):
 def test_dry_run_trains_nothing(tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(data)
-    res = score(str(data), str(tmp_path / "out"), ScoreConfig(**CFG), dry_run=True,
-                progress=False, model_and_tokenizer=proxy())
+    res = score(
+        str(data),
+        str(tmp_path / "out"),
+        ScoreConfig(**CFG),
+        dry_run=True,
+        progress=False,
+        model_and_tokenizer=proxy(),
+    )
     plan = res.run["plan"]
     assert plan["rows"] == 17 and plan["scorable_rows"] == len(GOOD)
     assert plan["training_steps"] == 2 * 3  # 12 rows, batch 4, 2 epochs
@@ -183,8 +222,13 @@ def test_bad_config_and_unreadable_input(tmp_path):
     with pytest.raises(ValueError, match="early < late"):
         ScoreConfig(early=2, late=2).validate()
     with pytest.raises(FileNotFoundError):
-        score(str(tmp_path / "missing.json"), None, ScoreConfig(**CFG), progress=False,
-              model_and_tokenizer=proxy())
+        score(
+            str(tmp_path / "missing.json"),
+            None,
+            ScoreConfig(**CFG),
+            progress=False,
+            model_and_tokenizer=proxy(),
+        )
 
 
 @pytest.mark.slow
@@ -196,15 +240,38 @@ def test_cli_kill_9_and_resume(tmp_path):
     tok.save_pretrained(model_dir)
     data = tmp_path / "d.jsonl"
     write_jsonl(data)
-    base = [sys.executable, "-m", "gradfilter", "score", str(data), "--proxy", str(model_dir),
-            "--members", "3", "--rank", "4", "--alpha", "8", "--batch-size", "2",
-            "--max-length", "96", "--lr", "5e-3", "--no-progress", "--checkpoint-seconds", "0"]
+    base = [
+        sys.executable,
+        "-m",
+        "gradfilter",
+        "score",
+        str(data),
+        "--proxy",
+        str(model_dir),
+        "--members",
+        "3",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "96",
+        "--lr",
+        "5e-3",
+        "--no-progress",
+        "--checkpoint-seconds",
+        "0",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(base + ["-o", str(tmp_path / "full")], check=True, env=env,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        base + ["-o", str(tmp_path / "full")], check=True, env=env, capture_output=True, timeout=600
+    )
     out = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["-o", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        base + ["-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     ckpt = out / "checkpoint.pt"
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -227,11 +294,32 @@ def test_cli_score_select_and_norms(tmp_path):
     rows.append({"instruction": "missing output"})
     data.write_text(json.dumps(rows))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gradfilter", *a], env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=600)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "gradfilter", *a],
+            env=env,  # noqa: E731
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
     out = tmp_path / "out"
-    r = run("score", str(data), "-o", str(out), "--proxy", str(model_dir), "--members", "2",
-            "--max-length", "96", "--no-progress", "--show", "2")
+    r = run(
+        "score",
+        str(data),
+        "-o",
+        str(out),
+        "--proxy",
+        str(model_dir),
+        "--members",
+        "2",
+        "--max-length",
+        "96",
+        "--no-progress",
+        "--show",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert "top 2 by gsnr" in r.stdout and "missing field 'output'" in r.stdout
     r = run("select", str(out), "--ratio", "0.5")
@@ -242,8 +330,18 @@ def test_cli_score_select_and_norms(tmp_path):
     assert r.returncode != 0 and "exactly one" in r.stderr
     r = run("score", str(tmp_path / "nope.json"), "-o", str(out), "--proxy", str(model_dir))
     assert r.returncode == 2 and "error:" in r.stderr
-    r = run("norms", str(data), "--proxy", str(model_dir), "--targets", "c_attn", "--check", "3",
-            "-o", str(tmp_path / "n.jsonl"))
+    r = run(
+        "norms",
+        str(data),
+        "--proxy",
+        str(model_dir),
+        "--targets",
+        "c_attn",
+        "--check",
+        "3",
+        "-o",
+        str(tmp_path / "n.jsonl"),
+    )
     assert r.returncode == 0, r.stderr
     assert "max relative difference" in r.stdout
     norms = [json.loads(line) for line in (tmp_path / "n.jsonl").read_text().splitlines()]

@@ -134,7 +134,8 @@ def test_import_is_light_and_pyplot_untouched(tmp_path: Path) -> None:
         "import sys, numpy as np\n"
         "import gradfilter, gradfilter.method.gsnr, gradfilter.run.plots\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'matplotlib'], 'eager import'\n"
-        f"gradfilter.run.plots.plot_gsnr_distribution(np.arange(9.0), {str(tmp_path / 'a.png')!r})\n"
+        "gradfilter.run.plots.plot_gsnr_distribution(\n"
+        f"    np.arange(9.0), {str(tmp_path / 'a.png')!r})\n"
         "assert 'matplotlib' in sys.modules\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
     )

@@ -13,10 +13,10 @@ from test_engine import make_batch
 from test_ensemble import collate
 
 from gradfilter import LoRAEnsemble
-from gradfilter.method.ensemble import member_schedule
 from gradfilter.io.models import tiny_gpt2, tiny_llama, tiny_tokenizer
-from gradfilter.run.score import ScoreConfig, score
 from gradfilter.method.prefix import PrefixCache, decoder_layers, run_from_layer
+from gradfilter.method.schedule import member_schedule
+from gradfilter.run.score import ScoreConfig, score
 
 KINDS = ["gpt2", "llama"]
 
@@ -40,7 +40,7 @@ def randomise(*ensembles, seed=1):
     gen = torch.Generator().manual_seed(seed)
     params = [list(e.adapters.parameters()) for e in ensembles]
     with torch.no_grad():
-        for group in zip(*params):
+        for group in zip(*params, strict=False):
             v = torch.randn(group[0].shape, generator=gen, dtype=group[0].dtype) * 0.3
             for p in group:
                 p.copy_(v)
@@ -56,8 +56,6 @@ def rows_dataset(n=16, seq=11, seed=0):
         labels[:2] = -100
         rows.append((ids, labels))
     return rows
-
-
 
 
 def assert_equal_tight(got, want, rtol=1e-10):
@@ -78,7 +76,9 @@ def test_cached_states_are_the_input_of_block_k(kind):
     ids, _, mask = make_batch([7, 3, 5], 7, seed=3)
     seen = []
     _, _, _, layers = decoder_layers(model)
-    h = layers[2].register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0]), with_kwargs=True)
+    h = layers[2].register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(args[0]), with_kwargs=True
+    )
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     h.remove()
@@ -149,8 +149,10 @@ def test_cached_pass_skips_the_prefix_and_uses_the_cache(kind):
     calls = []
     _, _, _, layers = decoder_layers(on.base)
     emb = on.base.get_input_embeddings()
-    handles = [m.register_forward_hook(lambda mod, a, o, i=i: calls.append(i))
-               for i, m in [(0, layers[0]), (1, layers[1]), ("emb", emb), (2, layers[2])]]
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, i=i: calls.append(i))
+        for i, m in [(0, layers[0]), (1, layers[1]), ("emb", emb), (2, layers[2])]
+    ]
     want = on.per_example_grad_norms(ids, labels, mask, rows=[0, 1, 2])
     for h in handles:
         h.remove()
@@ -192,13 +194,17 @@ def test_training_equals_uncached(kind, max_tokens):
             assert_equal_tight(got, want)
     assert on.prefix_cache.computed_rows == len(rows)  # each example's prefix ran once
     moved = 0.0
-    for (name, p_off), (_, p_on) in zip(off.adapters.named_parameters(), on.adapters.named_parameters()):
+    for (name, p_off), (_, p_on) in zip(
+        off.adapters.named_parameters(), on.adapters.named_parameters(), strict=False
+    ):
         assert_equal_tight(p_on.detach(), p_off.detach())
         moved += float(p_off.detach().abs().sum()) if "lora_B" in name else 0.0
     assert moved > 0  # training did change the adapters
     ids, labels, mask = collate(rows, [0, 3, 5, 9])
-    assert_equal_tight(on.per_example_grad_norms(ids, labels, mask, rows=[0, 3, 5, 9]),
-                       off.per_example_grad_norms(ids, labels, mask))
+    assert_equal_tight(
+        on.per_example_grad_norms(ids, labels, mask, rows=[0, 3, 5, 9]),
+        off.per_example_grad_norms(ids, labels, mask),
+    )
 
 
 def test_adapters_keep_their_init_and_only_sit_from_layer_k():
@@ -221,8 +227,12 @@ def test_errors():
     with pytest.raises(ValueError, match="layers_from must be an int"):
         LoRAEnsemble(base("gpt2"), members=2, layers_from=1.5)
     with pytest.raises(ValueError, match="no layer matching .* lies in decoder layers 1"):
-        LoRAEnsemble(base("llama"), members=2, layers_from=1,
-                     target_modules=["model.layers.0.self_attn.q_proj"])
+        LoRAEnsemble(
+            base("llama"),
+            members=2,
+            layers_from=1,
+            target_modules=["model.layers.0.self_attn.q_proj"],
+        )
     with pytest.raises(ValueError, match="prefix_cache needs layers_from > 0"):
         LoRAEnsemble(base("llama"), members=2, prefix_cache=True)
     plain = LoRAEnsemble(base("llama"), members=2, layers_from=1)
@@ -269,13 +279,28 @@ def read(outdir):
 @pytest.mark.parametrize("kind", KINDS)
 def test_pipeline_scores_equal_uncached(tmp_path, kind):
     data = [{"instruction": i, "input": "", "output": o} for i, o in TEXTS]
-    cfg = {"members": 3, "rank": 2, "alpha": 4, "epochs": 2, "batch_size": 3, "max_length": 96,
-           "lr": 5e-3, "dropout": 0.1, "lora_layers_from": 1, "token_budget": 300}
+    cfg = {
+        "members": 3,
+        "rank": 2,
+        "alpha": 4,
+        "epochs": 2,
+        "batch_size": 3,
+        "max_length": 96,
+        "lr": 5e-3,
+        "dropout": 0.1,
+        "lora_layers_from": 1,
+        "token_budget": 300,
+    }
     results = {}
     for cached in (False, True):
         out = tmp_path / f"out-{cached}"
-        score(data, str(out), ScoreConfig(**cfg, prefix_cache=cached), progress=False,
-              model_and_tokenizer=(base(kind), tiny_tokenizer()))
+        score(
+            data,
+            str(out),
+            ScoreConfig(**cfg, prefix_cache=cached),
+            progress=False,
+            model_and_tokenizer=(base(kind), tiny_tokenizer()),
+        )
         results[cached] = read(out)
         run = json.loads((out / "run.json").read_text())
         assert run["config"]["lora_layers_from"] == 1 and run["config"]["prefix_cache"] is cached
@@ -283,7 +308,7 @@ def test_pipeline_scores_equal_uncached(tmp_path, kind):
     assert run["prefix_cache"]["rows_computed"] == len(TEXTS)
     off, on = results[False], results[True]
     assert [r["rank"] for r in on] == [r["rank"] for r in off]
-    for a, b in zip(on, off):
+    for a, b in zip(on, off, strict=False):
         for key in ("early_sq", "late_sq"):
             assert_equal_tight(torch.tensor(a[key]), torch.tensor(b[key]), rtol=1e-9)
         assert a["gsnr"] == pytest.approx(b["gsnr"], rel=1e-7)
@@ -294,14 +319,30 @@ def test_layers_from_is_part_of_the_resume_identity(tmp_path):
     cfg = {"members": 2, "rank": 2, "epochs": 2, "batch_size": 3, "max_length": 96}
     out = str(tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):
-        score(data, out, ScoreConfig(**cfg, lora_layers_from=1), progress=False, stop_after=1,
-              model_and_tokenizer=(base("gpt2"), tiny_tokenizer()))
+        score(
+            data,
+            out,
+            ScoreConfig(**cfg, lora_layers_from=1),
+            progress=False,
+            stop_after=1,
+            model_and_tokenizer=(base("gpt2"), tiny_tokenizer()),
+        )
     with pytest.raises(ValueError, match="different run"):
-        score(data, out, ScoreConfig(**cfg, lora_layers_from=2), progress=False,
-              model_and_tokenizer=(base("gpt2"), tiny_tokenizer()))
+        score(
+            data,
+            out,
+            ScoreConfig(**cfg, lora_layers_from=2),
+            progress=False,
+            model_and_tokenizer=(base("gpt2"), tiny_tokenizer()),
+        )
     # The cache does not change the run: resuming with it on finishes the same run.
-    res = score(data, out, ScoreConfig(**cfg, lora_layers_from=1, prefix_cache=True),
-                progress=False, model_and_tokenizer=(base("gpt2"), tiny_tokenizer()))
+    res = score(
+        data,
+        out,
+        ScoreConfig(**cfg, lora_layers_from=1, prefix_cache=True),
+        progress=False,
+        model_and_tokenizer=(base("gpt2"), tiny_tokenizer()),
+    )
     assert sum(r["status"] == "ok" for r in res.records) == len(TEXTS)
 
 

@@ -1,4 +1,5 @@
-"""Tests of gradfilter.bench.quality: seeded corruption of instruction rows and separation metrics."""
+"""Tests of gradfilter.bench.quality: seeded corruption of instruction rows and
+separation metrics."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_exact_corrupted_count_spread_evenly(fraction: float) -> None:
 def test_labels_are_consistent_and_clean_rows_are_unchanged_copies() -> None:
     pool = make_pool()
     new_rows, labels = corrupt(pool, 0.5, seed=3)
-    for i, (row, lab) in enumerate(zip(new_rows, labels)):
+    for i, (row, lab) in enumerate(zip(new_rows, labels, strict=False)):
         assert set(lab) == {"corrupted", "kind", "source"}
         if lab["corrupted"]:
             assert lab["kind"] in ALL_KINDS
@@ -198,7 +199,10 @@ def test_short_responses_are_never_truncated_or_shuffled() -> None:
     pool = make_pool()
     long_rows = sum(len(r["output"].split()) >= 4 for r in pool)
     _, labels = corrupt(pool, long_rows / len(pool), seed=0, kinds=("truncate", "shuffle"))
-    assert all(lab["corrupted"] == (len(r["output"].split()) >= 4) for r, lab in zip(pool, labels))
+    assert all(
+        lab["corrupted"] == (len(r["output"].split()) >= 4)
+        for r, lab in zip(pool, labels, strict=False)
+    )
 
 
 def test_foreign_from_foreign_rows() -> None:
@@ -330,8 +334,8 @@ def _pairwise_auroc(scores: list[float], corrupted: list[bool]) -> float:
             return 1.0
         return 1.0 if key(x) > key(y) else 0.5 if x == y else 0.0
 
-    pos = [s for s, c in zip(scores, corrupted) if not c]
-    neg = [s for s, c in zip(scores, corrupted) if c]
+    pos = [s for s, c in zip(scores, corrupted, strict=False) if not c]
+    neg = [s for s, c in zip(scores, corrupted, strict=False) if c]
     return sum(beats(p, q) for p, q in itertools.product(pos, neg)) / (len(pos) * len(neg))
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-from gradfilter.run.score import ScoreConfig
-from gradfilter.bench.quality_bench import QualityConfig, run
 from test_pipeline import proxy
+
+from gradfilter.bench.quality_bench import QualityConfig, run
+from gradfilter.run.score import ScoreConfig
 
 WORDS = "red green blue cat dog sun moon tree rock fish bird star rain snow wind leaf".split()
 
@@ -18,8 +18,13 @@ def synthetic_rows(n, seed):
     rows = []
     for i in range(n):
         a, b, c = rng.choice(WORDS, 3, replace=False)
-        rows.append({"instruction": f"Name {a} {i}", "input": "",
-                     "output": f"the {a} and {b} like {c} today"})
+        rows.append(
+            {
+                "instruction": f"Name {a} {i}",
+                "input": "",
+                "output": f"the {a} and {b} like {c} today",
+            }
+        )
     return rows
 
 
@@ -27,11 +32,24 @@ def test_quality_benchmark_smoke(tmp_path):
     data = tmp_path / "pool.json"
     data.write_text(json.dumps(synthetic_rows(60, 0)))
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps([{"instruction": "x", "input": "", "output": f"ein Satz {i}"}
-                                   for i in range(10)]))
-    qcfg = QualityConfig(data=str(data), foreign=str(foreign), pool=30, heldout=8, fraction=0.3, seed=1,
-                         methods=["gsnr", "drop", "grand", "loss", "ifd", "random"], train_steps=4, eval_every=2,
-                         random_seeds=(0, 1), select_ratio=0.2)
+    foreign.write_text(
+        json.dumps(
+            [{"instruction": "x", "input": "", "output": f"ein Satz {i}"} for i in range(10)]
+        )
+    )
+    qcfg = QualityConfig(
+        data=str(data),
+        foreign=str(foreign),
+        pool=30,
+        heldout=8,
+        fraction=0.3,
+        seed=1,
+        methods=["gsnr", "drop", "grand", "loss", "ifd", "random"],
+        train_steps=4,
+        eval_every=2,
+        random_seeds=(0, 1),
+        select_ratio=0.2,
+    )
     scfg = ScoreConfig(members=2, rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3)
     out = tmp_path / "bench"
     res = run(qcfg, scfg, str(out), model_and_tokenizer=proxy(), progress=False, log=lambda s: None)
@@ -39,7 +57,8 @@ def test_quality_benchmark_smoke(tmp_path):
     formulas = {f"gsnr:{f}" for f in qcfg.formulas}
     parts = {"late_cv", "late_norm", "late_var"}
     assert {r["method"] for r in res["detection"]} == (
-        {"gsnr", "drop", "grand", "loss", "ifd", "random"} | formulas | parts)
+        {"gsnr", "drop", "grand", "loss", "ifd", "random"} | formulas | parts
+    )
     # drop and grand come from the G-SNR run's own scores.
     recs = [json.loads(line) for line in (out / "gsnr" / "scores.jsonl").read_text().splitlines()]
     assert res["timing"]["drop"]["shared_run"] == "gsnr" and not (out / "drop").exists()
@@ -50,8 +69,9 @@ def test_quality_benchmark_smoke(tmp_path):
     assert res["downstream"]["subsets"]["drop"] == by_drop[:k]
     assert all(0.0 <= r["auroc"] <= 1.0 for r in res["detection"])
     curves = res["downstream"]["curves"]
-    assert set(curves) == ({"gsnr", "drop", "grand", "loss", "ifd", "random-0", "random-1"}
-                           | formulas | parts)
+    assert set(curves) == (
+        {"gsnr", "drop", "grand", "loss", "ifd", "random-0", "random-1"} | formulas | parts
+    )
     # the run's own formula (paper) gives the same subset as gsnr
     assert res["downstream"]["subsets"]["gsnr:paper"] == res["downstream"]["subsets"]["gsnr"]
     assert all([s for s, _ in c] == [0, 2, 4] for c in curves.values())
@@ -72,23 +92,50 @@ def test_quality_benchmark_seeds_resume_and_aggregate(tmp_path):
     data = tmp_path / "pool.json"
     data.write_text(json.dumps(synthetic_rows(50, 0)))
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps([{"instruction": "x", "input": "", "output": f"ein Satz {i}"}
-                                   for i in range(10)]))
-    qcfg = QualityConfig(data=str(data), foreign=str(foreign), pool=20, heldout=4, fraction=0.3,
-                         methods=["gsnr", "random"], formulas=("paper", "log_cv"))
-    scfg = ScoreConfig(members=2, rank=2, alpha=4, epochs=2, batch_size=4, max_length=96,
-                       lr=5e-3, norms="inflight")
+    foreign.write_text(
+        json.dumps(
+            [{"instruction": "x", "input": "", "output": f"ein Satz {i}"} for i in range(10)]
+        )
+    )
+    qcfg = QualityConfig(
+        data=str(data),
+        foreign=str(foreign),
+        pool=20,
+        heldout=4,
+        fraction=0.3,
+        methods=["gsnr", "random"],
+        formulas=("paper", "log_cv"),
+    )
+    scfg = ScoreConfig(
+        members=2, rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3, norms="inflight"
+    )
     out = tmp_path / "bench"
     said = []
-    agg = run_seeds(qcfg, scfg, str(out), [0, 1], downstream=False, model_and_tokenizer=proxy(),
-                    progress=False, log=said.append)
+    agg = run_seeds(
+        qcfg,
+        scfg,
+        str(out),
+        [0, 1],
+        downstream=False,
+        model_and_tokenizer=proxy(),
+        progress=False,
+        log=said.append,
+    )
     assert agg["seeds"] == [0, 1]
     assert agg["methods"]["gsnr:log_cv"]["auroc"]["n"] == 2
     pools = [(out / f"seed-{s}" / "pool.jsonl").read_text() for s in (0, 1)]
     assert pools[0] != pools[1]
     assert (out / "aggregate.md").read_text().count("gsnr:log_cv") == 1
     said.clear()
-    again = run_seeds(qcfg, scfg, str(out), [0, 1], downstream=False, model_and_tokenizer=proxy(),
-                      progress=False, log=said.append)
+    again = run_seeds(
+        qcfg,
+        scfg,
+        str(out),
+        [0, 1],
+        downstream=False,
+        model_and_tokenizer=proxy(),
+        progress=False,
+        log=said.append,
+    )
     assert again == json.loads((out / "aggregate.json").read_text())
     assert said == [f"seed {s}: results found in {out}/seed-{s}" for s in (0, 1)]

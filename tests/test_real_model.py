@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from gradfilter import per_example_grad_norms
-from gradfilter.norms.oracles import loop_per_example_grad_norms
 from gradfilter.io.data import encode_pair, format_prompt, pad_batch
+from gradfilter.norms.oracles import loop_per_example_grad_norms
 
-DATA = Path(os.environ.get("GRADFILTER_SHARED_DATA",
-                           Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA = Path(
+    os.environ.get(
+        "GRADFILTER_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+)
 
 
 def alpaca_rows(n: int) -> list[dict]:
@@ -36,7 +39,9 @@ def smollm2():
     from peft import LoraConfig, get_peft_model
 
     model, tok = load_proxy()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -69,9 +74,13 @@ def test_smollm2_pipeline_end_to_end(smollm2, tmp_path):
     rows = alpaca_rows(5)
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(rows + [{"instruction": "no output"}]), encoding="utf-8")
-    res = score(str(data), str(tmp_path / "out"),
-                ScoreConfig(members=2, epochs=2, batch_size=2, max_length=96, lr=1e-3),
-                progress=False, model_and_tokenizer=load_proxy())
+    res = score(
+        str(data),
+        str(tmp_path / "out"),
+        ScoreConfig(members=2, epochs=2, batch_size=2, max_length=96, lr=1e-3),
+        progress=False,
+        model_and_tokenizer=load_proxy(),
+    )
     assert [r["status"] for r in res.records] == ["ok"] * 5 + ["missing field 'output'"]
     ok = res.records[:5]
     assert all(r["gsnr"] is not None and len(r["late_sq"]) == 2 for r in ok)

@@ -23,7 +23,9 @@ def test_outer_routes_match_definition(shape, route):
     gen = torch.Generator().manual_seed(0)
     left = torch.randn(bsz, n, a, generator=gen, dtype=torch.float64)
     right = torch.randn(bsz, n, b, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(ref.outer_sq_norms_ref(left, right, route), materialised(left, right))
+    torch.testing.assert_close(
+        ref.outer_sq_norms_ref(left, right, route), materialised(left, right)
+    )
 
 
 def test_outer_routes_non_contiguous_and_blocked(monkeypatch):
@@ -51,7 +53,9 @@ def test_index_form_matches_dense_one_hot():
     right = torch.randn(3, 8, 4, generator=gen, dtype=torch.float64)
     valid = torch.rand(3, 8, generator=gen) > 0.3
     onehot = torch.nn.functional.one_hot(idx, 5).double() * valid.unsqueeze(-1)
-    torch.testing.assert_close(ref.index_sq_norms_ref(idx, right, valid), materialised(onehot, right))
+    torch.testing.assert_close(
+        ref.index_sq_norms_ref(idx, right, valid), materialised(onehot, right)
+    )
 
 
 def test_window_and_per_example_paths_agree():
@@ -77,12 +81,16 @@ def test_shared_parameter_rows_concatenate():
     """Two uses of one parameter: the gradients add before the norm is taken."""
     gen = torch.Generator().manual_seed(4)
     valid = torch.ones(2, 6, dtype=torch.bool)
-    l1, r1 = torch.randn(2, 6, 4, generator=gen).double(), torch.randn(2, 6, 3, generator=gen).double()
+    l1, r1 = (
+        torch.randn(2, 6, 4, generator=gen).double(),
+        torch.randn(2, 6, 3, generator=gen).double(),
+    )
     idx = torch.randint(0, 4, (2, 6), generator=gen)
     r2 = torch.randn(2, 6, 3, generator=gen).double()
     f = [Factor("outer", l1, r1), Factor("index", idx, r2, num_rows=4)]
     dense = torch.einsum("bta,btc->bac", l1, r1) + torch.einsum(
-        "bta,btc->bac", torch.nn.functional.one_hot(idx, 4).double(), r2)
+        "bta,btc->bac", torch.nn.functional.one_hot(idx, 4).double(), r2
+    )
     want = dense.square().sum(dim=(1, 2))
     for loop in (False, True):
         torch.testing.assert_close(factor_sq_norms(f, valid, (0, 6), loop), want)

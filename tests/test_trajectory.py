@@ -7,18 +7,20 @@ import json
 
 import numpy as np
 import pytest
+from test_inflight import ROWS, proxy
 
+from gradfilter.bench.quality_bench import aggregate, aggregate_markdown
 from gradfilter.method.gsnr import CV_FLOOR, FORMULAS, GSNRConfig, gsnr_components
 from gradfilter.run.score import ScoreConfig, read_norms, rescore, score
-from gradfilter.bench.quality_bench import aggregate, aggregate_markdown
-from test_inflight import ROWS, proxy
 
 BASE = dict(members=3, rank=4, alpha=8, batch_size=4, max_length=96, lr=5e-3)
 
 
 def run(out, **kw):
     cfg = ScoreConfig(**{**BASE, **kw})
-    return score(ROWS, str(out), cfg, progress=False, log=lambda s: None, model_and_tokenizer=proxy())
+    return score(
+        ROWS, str(out), cfg, progress=False, log=lambda s: None, model_and_tokenizer=proxy()
+    )
 
 
 # ------------------------------------------------------------------ trajectories
@@ -84,8 +86,9 @@ def test_warmup_puts_the_early_point_past_the_configured_steps(tmp_path):
     recorded visit at step 10 or later."""
     rows = ROWS + [{"instruction": "Extra", "input": "", "output": "one more"}]
     cfg = ScoreConfig(**BASE, norms="inflight", warmup_steps=10)
-    res = score(rows, str(tmp_path), cfg, progress=False, log=lambda s: None,
-                model_and_tokenizer=proxy())
+    res = score(
+        rows, str(tmp_path), cfg, progress=False, log=lambda s: None, model_and_tokenizer=proxy()
+    )
     z = read_norms(str(tmp_path))
     sched = res.run["plan"]["schedule"]
     assert sched["warmup_steps"] == 10 and sched["early_starts_at_step"] == 10
@@ -98,8 +101,15 @@ def test_warmup_puts_the_early_point_past_the_configured_steps(tmp_path):
 def test_warmup_resumes_to_identical_scores(tmp_path):
     full = run(tmp_path / "a", norms="inflight", warmup_steps=5)
     with pytest.raises(KeyboardInterrupt):
-        score(ROWS, str(tmp_path / "b"), ScoreConfig(**BASE, norms="inflight", warmup_steps=5),
-              progress=False, log=lambda s: None, model_and_tokenizer=proxy(), stop_after=3)
+        score(
+            ROWS,
+            str(tmp_path / "b"),
+            ScoreConfig(**BASE, norms="inflight", warmup_steps=5),
+            progress=False,
+            log=lambda s: None,
+            model_and_tokenizer=proxy(),
+            stop_after=3,
+        )
     resumed = run(tmp_path / "b", norms="inflight", warmup_steps=5)
     assert [r["gsnr"] for r in resumed.records] == [r["gsnr"] for r in full.records]
     a, b = read_norms(str(tmp_path / "a")), read_norms(str(tmp_path / "b"))
@@ -113,7 +123,9 @@ def test_warmup_resumes_to_identical_scores(tmp_path):
 def test_rescore_reproduces_score_bytes(tmp_path):
     run(tmp_path / "a", epochs=3, snapshots=[1, 2, 3], norms="inflight", formula="log_cv")
     rescore(str(tmp_path / "a"), output=str(tmp_path / "b"))
-    assert (tmp_path / "a" / "scores.jsonl").read_bytes() == (tmp_path / "b" / "scores.jsonl").read_bytes()
+    assert (tmp_path / "a" / "scores.jsonl").read_bytes() == (
+        tmp_path / "b" / "scores.jsonl"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("formula", FORMULAS)
@@ -121,10 +133,19 @@ def test_rescore_with_other_settings_equals_a_run_with_them(tmp_path, formula):
     """A run that recorded epochs 1-3, rescored with early 2 / late 3 and a formula,
     equals a run made with those settings (same training, same norms)."""
     run(tmp_path / "a", epochs=3, snapshots=[1, 2, 3], norms="inflight")
-    run(tmp_path / "b", epochs=3, early=2, late=3, snapshots=[1, 2, 3], norms="inflight",
-        formula=formula)
+    run(
+        tmp_path / "b",
+        epochs=3,
+        early=2,
+        late=3,
+        snapshots=[1, 2, 3],
+        norms="inflight",
+        formula=formula,
+    )
     rescore(str(tmp_path / "a"), formula=formula, early=2, late=3, output=str(tmp_path / "c"))
-    assert (tmp_path / "b" / "scores.jsonl").read_bytes() == (tmp_path / "c" / "scores.jsonl").read_bytes()
+    assert (tmp_path / "b" / "scores.jsonl").read_bytes() == (
+        tmp_path / "c" / "scores.jsonl"
+    ).read_bytes()
     run_c = json.loads((tmp_path / "c" / "run.json").read_text())
     assert run_c["config"]["formula"] == formula and run_c["config"]["early"] == 2
 
@@ -153,8 +174,23 @@ def test_rescore_cli(tmp_path):
     from gradfilter.cli import main
 
     run(tmp_path / "a", epochs=3, snapshots=[1, 2, 3], norms="inflight")
-    assert main(["rescore", str(tmp_path / "a"), "--formula", "rank", "--early", "2",
-                 "--late", "3", "-o", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "rescore",
+                str(tmp_path / "a"),
+                "--formula",
+                "rank",
+                "--early",
+                "2",
+                "--late",
+                "3",
+                "-o",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     recs = [json.loads(x) for x in (tmp_path / "b" / "scores.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["gsnr"] <= 1.0 for r in recs)
     assert main(["rescore", str(tmp_path / "a"), "--late", "9"]) == 2
@@ -181,8 +217,9 @@ def test_scale_free_formulas_by_hand():
     # ell ranks (0 = smallest): row 0 largest (log 4), row 3 next (log 5/3), rows 1, 2 tie
     # (log 1): 0.5, 0.5 -> unit ranks [1, 1/6, 1/6, 2/3]; -cv: rows 0, 1, 3 tie at the top
     # (mean rank 2 of 0..3 -> 2/3), row 2 last (0).
-    np.testing.assert_allclose(c["gsnr"], 0.5 * (np.array([1, 1 / 6, 1 / 6, 2 / 3])
-                                                  + np.array([2 / 3, 2 / 3, 0, 2 / 3])))
+    np.testing.assert_allclose(
+        c["gsnr"], 0.5 * (np.array([1, 1 / 6, 1 / 6, 2 / 3]) + np.array([2 / 3, 2 / 3, 0, 2 / 3]))
+    )
 
 
 @pytest.mark.parametrize("formula", ["log_cv", "snr_cv", "rank"])
@@ -220,8 +257,10 @@ def test_unknown_formula_is_refused():
 
 
 def _seed_result(pool, corrupted, aurocs, finals=None):
-    det = [{"method": m, "auroc": a, "top5": 0.0, "top10": t, "top15": 0.0}
-           for m, (a, t) in aurocs.items()]
+    det = [
+        {"method": m, "auroc": a, "top5": 0.0, "top10": t, "top15": 0.0}
+        for m, (a, t) in aurocs.items()
+    ]
     res = {"config": {"pool": pool}, "corrupted_rows": corrupted, "detection": det}
     if finals:
         res["downstream"] = {"final": finals}

@@ -25,9 +25,9 @@ import sys
 
 import numpy as np
 
+from gradfilter.bench.quality import auroc, corrupted_share_in_top
 from gradfilter.method.gsnr import FORMULAS, GSNRConfig, gsnr_components
 from gradfilter.run.score import read_norms
-from gradfilter.bench.quality import auroc, corrupted_share_in_top
 
 STEPS = (0, 50, 100, 200)
 
@@ -73,10 +73,16 @@ def candidates(runs: list[str]) -> dict:
                 full[ok] = comp["gsnr"]
                 key = f"{f}@S={s}"
                 rec = out.setdefault(key, {"formula": f, "S": s, "runs": []})
-                rec["runs"].append({"run": run, "pool": len(corrupted), "early": e,
-                                    "auroc": auroc(full, corrupted),
-                                    "top10": corrupted_share_in_top(full, corrupted, [0.1])[0.1],
-                                    "base": float(corrupted.mean())})
+                rec["runs"].append(
+                    {
+                        "run": run,
+                        "pool": len(corrupted),
+                        "early": e,
+                        "auroc": auroc(full, corrupted),
+                        "top10": corrupted_share_in_top(full, corrupted, [0.1])[0.1],
+                        "base": float(corrupted.mean()),
+                    }
+                )
     for rec in out.values():
         a = np.array([r["auroc"] for r in rec["runs"]])
         rec["auroc_mean"] = float(a.mean())
@@ -106,12 +112,20 @@ def regime(runs: list[str], bins: int = 12) -> dict:
             steps = np.concatenate([r[3] for r in rows if r[1] == part and r[2] == group])
             vals = np.concatenate([r[4] for r in rows if r[1] == part and r[2] == group])
             series = []
-            for lo, hi in zip(edges[:-1], edges[1:]):
+            for lo, hi in zip(edges[:-1], edges[1:], strict=False):
                 v = vals[(steps >= lo) & (steps < hi) & np.isfinite(vals)]
                 if v.size:
                     q1, med, q3 = np.quantile(v, [0.25, 0.5, 0.75])
-                    series.append({"from": int(lo), "to": int(hi), "n": int(v.size),
-                                   "q1": float(q1), "median": float(med), "q3": float(q3)})
+                    series.append(
+                        {
+                            "from": int(lo),
+                            "to": int(hi),
+                            "n": int(v.size),
+                            "q1": float(q1),
+                            "median": float(med),
+                            "q3": float(q3),
+                        }
+                    )
             out["series"][f"{part}/{group}"] = series
     return out
 
@@ -128,11 +142,21 @@ def plot_regime(reg: dict, path: str, title: str) -> None:
     for key, series in reg["series"].items():
         part, group = key.split("/")
         x = [(s["from"] + s["to"]) / 2 for s in series]
-        ax.plot(x, [s["median"] for s in series], styles[part], color=colors[group],
-                label=f"{ {'sq': 'total', 'sq_a': 'A', 'sq_b': 'B'}[part]} ({group})")
+        ax.plot(
+            x,
+            [s["median"] for s in series],
+            styles[part],
+            color=colors[group],
+            label=f"{ {'sq': 'total', 'sq_a': 'A', 'sq_b': 'B'}[part] } ({group})",
+        )
         if part == "sq":
-            ax.fill_between(x, [s["q1"] for s in series], [s["q3"] for s in series],
-                            color=colors[group], alpha=0.12)
+            ax.fill_between(
+                x,
+                [s["q1"] for s in series],
+                [s["q3"] for s in series],
+                color=colors[group],
+                alpha=0.12,
+            )
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step of the visit")
     ax.set_ylabel("per-example squared LoRA gradient norm")
@@ -144,27 +168,37 @@ def plot_regime(reg: dict, path: str, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("roots", nargs="+")
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    runs = [r for root in args.roots for r in seed_runs(root)
-            if os.path.exists(os.path.join(r, "gsnr", "norms.npz"))]
+    runs = [
+        r
+        for root in args.roots
+        for r in seed_runs(root)
+        if os.path.exists(os.path.join(r, "gsnr", "norms.npz"))
+    ]
     if not runs:
         print("no finished G-SNR run with stored norms found", file=sys.stderr)
         return 2
     cand = candidates(runs)
     with open(os.path.join(args.output, "candidates.json"), "w", encoding="utf-8") as f:
         json.dump(cand, f, indent=2)
-    lines = ["| formula | S (steps before the early point) | mean AUROC ± sd | runs | "
-             "top-10% corrupted share / pool share | per run (pool: AUROC, early epoch) |",
-             "|---|---:|---|---:|---:|---|"]
+    lines = [
+        "| formula | S (steps before the early point) | mean AUROC ± sd | runs | "
+        "top-10% corrupted share / pool share | per run (pool: AUROC, early epoch) |",
+        "|---|---:|---|---:|---:|---|",
+    ]
     for key in sorted(cand, key=lambda k: -cand[k]["auroc_mean"]):
         c = cand[key]
         per = "; ".join(f"{r['pool']}: {r['auroc']:.3f} (e{r['early']})" for r in c["runs"])
-        lines.append(f"| {c['formula']} | {c['S']} | {c['auroc_mean']:.3f} ± {c['auroc_sd']:.3f} | "
-                     f"{c['n']} | {c['top10_vs_base_mean']:.2f} | {per} |")
+        lines.append(
+            f"| {c['formula']} | {c['S']} | {c['auroc_mean']:.3f} ± {c['auroc_sd']:.3f} | "
+            f"{c['n']} | {c['top10_vs_base_mean']:.2f} | {per} |"
+        )
     with open(os.path.join(args.output, "candidates.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -175,21 +209,32 @@ def main(argv: list[str] | None = None) -> int:
     for pool, rs in sorted(by_pool.items()):
         reg = regime(rs)
         regimes[pool] = reg
-        plot_regime(reg, os.path.join(args.output, f"regime-{pool}.png"),
-                    f"{pool} rows, {len(rs)} seed(s): median and quartiles by step")
+        plot_regime(
+            reg,
+            os.path.join(args.output, f"regime-{pool}.png"),
+            f"{pool} rows, {len(rs)} seed(s): median and quartiles by step",
+        )
     with open(os.path.join(args.output, "regime.json"), "w", encoding="utf-8") as f:
         json.dump(regimes, f, indent=2)
     md = []
     for pool, reg in regimes.items():
-        md += [f"### {pool} rows", "", "| steps | total clean | total corrupted | A clean | B clean |",
-               "|---|---|---|---|---|"]
+        md += [
+            f"### {pool} rows",
+            "",
+            "| steps | total clean | total corrupted | A clean | B clean |",
+            "|---|---|---|---|---|",
+        ]
         ser = reg["series"]
         for i, s in enumerate(ser["sq/clean"]):
-            def q(key, i=i):
+
+            def q(key, i=i, ser=ser):
                 v = ser[key][i] if i < len(ser[key]) else None
                 return "n/a" if v is None else f"{v['median']:.3g} [{v['q1']:.3g}, {v['q3']:.3g}]"
-            md.append(f"| {s['from']}-{s['to']} | {q('sq/clean')} | {q('sq/corrupted')} | "
-                      f"{q('sq_a/clean')} | {q('sq_b/clean')} |")
+
+            md.append(
+                f"| {s['from']}-{s['to']} | {q('sq/clean')} | {q('sq/corrupted')} | "
+                f"{q('sq_a/clean')} | {q('sq_b/clean')} |"
+            )
         md.append("")
     with open(os.path.join(args.output, "regime.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md))

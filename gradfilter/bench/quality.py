@@ -386,7 +386,8 @@ def _inputs(scores: ArrayLike, corrupted: ArrayLike) -> tuple[np.ndarray, np.nda
 
 
 def _midranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``s`` in increasing order, NaN lowest, tied values sharing their mean rank."""
+    """1-based ranks of ``s`` in increasing order, NaN lowest, tied values sharing
+    their mean rank."""
     nan = np.isnan(s)
     v = np.where(nan, 0.0, s)
     order = np.lexsort((v, ~nan))
@@ -416,7 +417,8 @@ def auroc(scores: ArrayLike, corrupted: ArrayLike) -> float:
     n_pos = int(c.size - n_neg)
     if n_pos == 0 or n_neg == 0:
         raise ValueError(
-            f"auroc needs at least one clean and one corrupted row, got {n_pos} clean and {n_neg} corrupted"
+            "auroc needs at least one clean and one corrupted row, "
+            f"got {n_pos} clean and {n_neg} corrupted"
         )
     ranks = _midranks(s)
     u = ranks[~c].sum() - n_pos * (n_pos + 1) / 2.0

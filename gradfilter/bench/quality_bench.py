@@ -33,7 +33,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,19 +48,36 @@ class QualityConfig:
     heldout: int = 100
     fraction: float = 0.2
     seed: int = 0
-    methods: Sequence[str] = ("gsnr", "drop", "late_var", "grand", "loss", "ifd", "ifd_ppl", "random")
+    methods: Sequence[str] = (
+        "gsnr",
+        "drop",
+        "late_var",
+        "grand",
+        "loss",
+        "ifd",
+        "ifd_ppl",
+        "random",
+    )
     select_ratio: float = 0.1
     random_seeds: Sequence[int] = (0, 1, 2)
     train_steps: int = 60
     train_batch: int = 4
     eval_every: int = 10
     lr: float = 2e-4
+    max_length: int = 256  # the benchmark's rows are short; the run itself reads score_cfg
     formulas: Sequence[str] = ("paper", "log_cv", "snr_cv", "rank")
 
 
-def _sample(rows: list[dict], n_pool: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    usable = [r for r in rows if isinstance(r.get("output"), str) and r["output"].strip()
-              and isinstance(r.get("instruction"), str)]
+def _sample(
+    rows: list[dict], n_pool: int, n_heldout: int, seed: int
+) -> tuple[list[dict], list[dict]]:
+    usable = [
+        r
+        for r in rows
+        if isinstance(r.get("output"), str)
+        and r["output"].strip()
+        and isinstance(r.get("instruction"), str)
+    ]
     if len(usable) < n_pool + n_heldout:
         raise ValueError(f"{len(usable)} usable rows, need pool {n_pool} + held-out {n_heldout}")
     order = np.random.default_rng(seed).permutation(len(usable))
@@ -70,18 +88,23 @@ def _sample(rows: list[dict], n_pool: int, n_heldout: int, seed: int) -> tuple[l
 
 def _keep_scores(records: list[dict], method: str) -> np.ndarray:
     """Scores where higher means keep; NaN (unscored, discarded) ranks lowest."""
-    from gradfilter.method.selectors import HIGHER_IS_BETTER
+    from gradfilter.method.registry import METHODS
 
     s = np.array([np.nan if r["score"] is None else r["score"] for r in records], dtype=float)
-    return s if HIGHER_IS_BETTER[method] else -s
+    return s if METHODS[method].higher_is_better else -s
 
 
 def _values(records: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
 
 
-def trajectory_scores(outdir: str, score_cfg: Any, formulas: Sequence[str],
-                      early: int | None = None, late: int | None = None) -> dict[str, np.ndarray]:
+def trajectory_scores(
+    outdir: str,
+    score_cfg: Any,
+    formulas: Sequence[str],
+    early: int | None = None,
+    late: int | None = None,
+) -> dict[str, np.ndarray]:
     """Keep-scores (higher = keep; NaN for unscored rows) of every G-SNR formula
     (``gsnr:<formula>``) and part (``drop``, ``late_var``, ``late_cv``,
     ``late_norm``, ``grand``), from the norms stored by a finished ensemble run
@@ -106,9 +129,13 @@ def trajectory_scores(outdir: str, score_cfg: Any, formulas: Sequence[str],
         cfg = dataclasses.replace(score_cfg, formula=f).gsnr_config()
         comp = gsnr_components(early_sq, late_sq, cfg)
         out[f"gsnr:{f}"] = full(comp["gsnr"])
-    out.update(drop=full(comp["drop"]), late_var=full(-comp["late_var"]),
-               late_cv=full(-comp["late_cv"]), late_norm=full(-comp["late_mean"]),
-               grand=full(comp["early_mean"]))
+    out.update(
+        drop=full(comp["drop"]),
+        late_var=full(-comp["late_var"]),
+        late_cv=full(-comp["late_cv"]),
+        late_norm=full(-comp["late_mean"]),
+        grand=full(comp["early_mean"]),
+    )
     return out
 
 
@@ -147,18 +174,31 @@ def _heldout_losses(ens: Any, heldout: list[Any], pad_id: int, batch: int) -> li
     return (sums / counts.clamp(min=1)).tolist()
 
 
-def _downstream(cfg: QualityConfig, score_cfg: Any, model: Any, tok: Any,
-                subsets: dict[str, list[int]], pool_enc: list[Any], held_enc: list[Any],
-                say: Callable[[str], None]) -> dict[str, Any]:
+def _downstream(
+    cfg: QualityConfig,
+    score_cfg: Any,
+    model: Any,
+    tok: Any,
+    subsets: dict[str, list[int]],
+    pool_enc: list[Any],
+    held_enc: list[Any],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     """Train one adapter per subset for the same number of steps; held-out loss curves."""
     from gradfilter.io.data import pad_batch
     from gradfilter.method.ensemble import LoRAEnsemble
     from gradfilter.run.score import pad_id_of
 
     names = list(subsets)
-    ens = LoRAEnsemble(model, members=len(names), r=score_cfg.rank, alpha=score_cfg.alpha,
-                       dropout=score_cfg.dropout, target_modules=score_cfg.targets,
-                       member_seeds=[cfg.seed] * len(names))  # same init: only the data differ
+    ens = LoRAEnsemble(
+        model,
+        members=len(names),
+        r=score_cfg.rank,
+        alpha=score_cfg.alpha,
+        dropout=score_cfg.dropout,
+        target_modules=score_cfg.targets,
+        member_seeds=[cfg.seed] * len(names),
+    )  # same init: only the data differ
     opt = ens.make_optimizer(lr=cfg.lr)
     pad_id = pad_id_of(tok)
     rngs = [np.random.default_rng(cfg.seed + 17 * k) for k in range(len(names))]
@@ -168,7 +208,9 @@ def _downstream(cfg: QualityConfig, score_cfg: Any, model: Any, tok: Any,
     t0 = time.perf_counter()
     for step in range(cfg.train_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.train_steps:
-            for n, loss in zip(names, _heldout_losses(ens, held_enc, pad_id, cfg.train_batch * 2)):
+            for n, loss in zip(
+                names, _heldout_losses(ens, held_enc, pad_id, cfg.train_batch * 2), strict=False
+            ):
                 curves[n].append((step, loss))
         if step == cfg.train_steps:
             break
@@ -186,18 +228,29 @@ def _downstream(cfg: QualityConfig, score_cfg: Any, model: Any, tok: Any,
         if step % cfg.eval_every == 0:
             say(f"downstream step {step}/{cfg.train_steps}")
     ens.remove()
-    return {"curves": curves, "seconds": time.perf_counter() - t0,
-            "final": {n: c[-1][1] for n, c in curves.items()}}
+    return {
+        "curves": curves,
+        "seconds": time.perf_counter() - t0,
+        "final": {n: c[-1][1] for n, c in curves.items()},
+    }
 
 
-def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = True,
-        model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = True,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    cfg: QualityConfig,
+    score_cfg: Any,
+    outdir: str,
+    *,
+    downstream: bool = True,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the benchmark; returns (and writes) the results."""
-    from gradfilter.method.gsnr import select_top
-    from gradfilter.method.selectors import METHODS
-    from gradfilter.run.score import score
     from gradfilter.bench.quality import corrupt, corrupted_mask, markdown_table, summary
+    from gradfilter.method.gsnr import select_top
+    from gradfilter.method.registry import METHODS
+    from gradfilter.run.records import RECORD_FIELDS
+    from gradfilter.run.score import score
 
     say = log or (lambda s: print(s, file=sys.stderr))
     bad = [m for m in cfg.methods if m not in METHODS]
@@ -230,7 +283,8 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
     # ensemble run: the early snapshot is the state a 1-epoch run would reach.
     shared = [m for m in cfg.methods if m in ("gsnr", "drop", "late_var", "grand")]
     runs = ([("gsnr", shared)] if shared else []) + [
-        (m, [m]) for m in cfg.methods if m not in shared]
+        (m, [m]) for m in cfg.methods if m not in shared
+    ]
     for method, covers in runs:
         mcfg = dataclasses.replace(score_cfg, method=method)
         folder = os.path.join(outdir, method)
@@ -239,27 +293,40 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
             say(f"{method}: finished scores found in {folder}")
             records, run_info = done
         else:
-            say(f"scoring the pool with {method}" + (f" (also gives {', '.join(covers[1:])})"
-                                                       if len(covers) > 1 else ""))
-            res = score(pool_path, folder, mcfg, progress=progress,
-                        model_and_tokenizer=(model, tok), log=say)
+            say(
+                f"scoring the pool with {method}"
+                + (f" (also gives {', '.join(covers[1:])})" if len(covers) > 1 else "")
+            )
+            res = score(
+                pool_path,
+                folder,
+                mcfg,
+                progress=progress,
+                model_and_tokenizer=(model, tok),
+                log=say,
+            )
             records, run_info = res.records, res.run
         t = run_info["timings"]
         for m in covers:
-            field = {"gsnr": "score", "drop": "drop", "late_var": "late_var",
-                     "grand": "early_mean"}.get(m, "score")
+            # the run's own method is its score; the others sharing the run are fields
+            field = "score" if m == method else RECORD_FIELDS[METHODS[m].source]
             recs = [{**r, "score": r[field]} for r in records]
             keep[m] = _keep_scores(recs, m)
-            timing[m] = {"seconds": t["total_s"] - t.get("load_s", 0.0),
-                         "tokens_per_second": run_info["tokens_per_second"],
-                         "shared_run": method if len(covers) > 1 else None}
+            timing[m] = {
+                "seconds": t["total_s"] - t.get("load_s", 0.0),
+                "tokens_per_second": run_info["tokens_per_second"],
+                "shared_run": method if len(covers) > 1 else None,
+            }
         if method == "gsnr":
             extra = trajectory_scores(folder, mcfg, cfg.formulas)
             keep.update({k: v for k, v in extra.items() if k not in keep})
     table = summary(keep, corrupted)
     results: dict[str, Any] = {
-        "config": dataclasses.asdict(cfg), "score_config": dataclasses.asdict(score_cfg),
-        "corrupted_rows": int(corrupted.sum()), "detection": table, "timing": timing,
+        "config": dataclasses.asdict(cfg),
+        "score_config": dataclasses.asdict(score_cfg),
+        "corrupted_rows": int(corrupted.sum()),
+        "detection": table,
+        "timing": timing,
     }
     if downstream:
         k = max(1, math.floor(cfg.select_ratio * len(pool)))
@@ -269,33 +336,47 @@ def run(cfg: QualityConfig, score_cfg: Any, outdir: str, *, downstream: bool = T
             say(f"no downstream training for {', '.join(empty)}: no row scored")
             subsets = {m: idx for m, idx in subsets.items() if idx}
         for s in cfg.random_seeds:
-            subsets[f"random-{s}"] = np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
+            subsets[f"random-{s}"] = (
+                np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
+            )
         pool_enc = _encode_all(pool, tok, score_cfg.max_length)
         held_enc = _encode_all(heldout, tok, score_cfg.max_length)
-        results["downstream"] = _downstream(cfg, score_cfg, model, tok, subsets, pool_enc,
-                                            held_enc, say)
+        results["downstream"] = _downstream(
+            cfg, score_cfg, model, tok, subsets, pool_enc, held_enc, say
+        )
         results["downstream"]["subsets"] = subsets
         results["downstream"]["corrupted_share"] = {
-            n: float(corrupted[idx].mean()) for n, idx in subsets.items()}
+            n: float(corrupted[idx].mean()) for n, idx in subsets.items()
+        }
     with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     md = ["## Detection of corrupted rows", "", markdown_table(table), ""]
     md += ["## Scoring time", "", "| method | seconds | tokens/s |", "|---|---|---|"]
-    md += [f"| {m} | {v['seconds']:.1f} | {v['tokens_per_second']:.0f} |" for m, v in timing.items()]
+    md += [
+        f"| {m} | {v['seconds']:.1f} | {v['tokens_per_second']:.0f} |" for m, v in timing.items()
+    ]
     if downstream:
         d = results["downstream"]
-        md += ["", f"## Held-out loss after {cfg.train_steps} steps (top {cfg.select_ratio:.0%})", "",
-               "| subset | corrupted share | held-out loss |", "|---|---|---|"]
-        md += [f"| {n} | {100 * d['corrupted_share'][n]:.1f}% | {d['final'][n]:.4f} |"
-               for n in sorted(d["final"], key=d["final"].get)]
+        md += [
+            "",
+            f"## Held-out loss after {cfg.train_steps} steps (top {cfg.select_ratio:.0%})",
+            "",
+            "| subset | corrupted share | held-out loss |",
+            "|---|---|---|",
+        ]
+        md += [
+            f"| {n} | {100 * d['corrupted_share'][n]:.1f}% | {d['final'][n]:.4f} |"
+            for n in sorted(d["final"], key=d["final"].get)
+        ]
         _plot_curves(d["curves"], os.path.join(outdir, "heldout_loss.png"))
     with open(os.path.join(outdir, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     return results
 
 
-def run_seeds(cfg: QualityConfig, score_cfg: Any, outdir: str, seeds: Sequence[int],
-              **kwargs: Any) -> dict[str, Any]:
+def run_seeds(
+    cfg: QualityConfig, score_cfg: Any, outdir: str, seeds: Sequence[int], **kwargs: Any
+) -> dict[str, Any]:
     """:func:`run` once per seed (pool, corruption, ensemble and downstream seeds all
     follow it) in ``OUTDIR/seed-<s>``; a seed whose ``results.json`` exists is read,
     not run again.  Writes and returns the aggregate over seeds."""
@@ -310,8 +391,12 @@ def run_seeds(cfg: QualityConfig, score_cfg: Any, outdir: str, seeds: Sequence[i
             say(f"seed {s}: results found in {folder}")
             continue
         say(f"seed {s}: running in {folder}")
-        per_seed[s] = run(dataclasses.replace(cfg, seed=s), dataclasses.replace(score_cfg, seed=s),
-                          folder, **kwargs)
+        per_seed[s] = run(
+            dataclasses.replace(cfg, seed=s),
+            dataclasses.replace(score_cfg, seed=s),
+            folder,
+            **kwargs,
+        )
     agg = aggregate(per_seed)
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, "aggregate.json"), "w", encoding="utf-8") as f:
@@ -325,8 +410,13 @@ def _stats(xs: Sequence[float]) -> dict[str, float]:
     a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=float)
     if a.size == 0:
         return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+    return {
+        "mean": float(a.mean()),
+        "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
 
 
 def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -342,18 +432,27 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     base = [r["corrupted_rows"] / r["config"]["pool"] for r in per_seed.values()]
     out["base_rate"] = _stats(base)
     for m in methods:
-        rows = [next((r for r in res["detection"] if r["method"] == m), None)
-                for res in per_seed.values()]
-        entry = {k: _stats([r[k] if r else math.nan for r in rows])
-                 for k in ("auroc", "top5", "top10", "top15")}
-        entry["top10_vs_base"] = _stats([(r["top10"] / b) if r else math.nan
-                                         for r, b in zip(rows, base)])
+        rows = [
+            next((r for r in res["detection"] if r["method"] == m), None)
+            for res in per_seed.values()
+        ]
+        entry = {
+            k: _stats([r[k] if r else math.nan for r in rows])
+            for k in ("auroc", "top5", "top10", "top15")
+        }
+        entry["top10_vs_base"] = _stats(
+            [(r["top10"] / b) if r else math.nan for r, b in zip(rows, base, strict=False)]
+        )
         finals = [res.get("downstream", {}).get("final", {}).get(m) for res in per_seed.values()]
         if any(f is not None for f in finals):
             entry["heldout_loss"] = _stats([math.nan if f is None else f for f in finals])
         out["methods"][m] = entry
-    randoms = [v for res in per_seed.values()
-               for n, v in res.get("downstream", {}).get("final", {}).items() if n.startswith("random-")]
+    randoms = [
+        v
+        for res in per_seed.values()
+        for n, v in res.get("downstream", {}).get("final", {}).items()
+        if n.startswith("random-")
+    ]
     if randoms:
         out["random_subsets_heldout_loss"] = _stats(randoms)
     return out
@@ -366,21 +465,31 @@ def aggregate_markdown(agg: dict[str, Any]) -> str:
         f = 100.0 if pct else 1.0
         unit = "%" if pct else ""
         d = 1 if pct else 3
-        return (f"{f * st['mean']:.{d}f}{unit} ± {f * st['sd']:.{d}f} "
-                f"[{f * st['min']:.{d}f}, {f * st['max']:.{d}f}]")
+        return (
+            f"{f * st['mean']:.{d}f}{unit} ± {f * st['sd']:.{d}f} "
+            f"[{f * st['min']:.{d}f}, {f * st['max']:.{d}f}]"
+        )
 
-    lines = [f"Seeds: {agg['seeds']}; pool corrupted share {ms(agg['base_rate'], True)} "
-             "(mean ± sd [min, max] over seeds).", "",
-             "| method | AUROC | corrupted in top 10% | top-10% share / pool share | held-out loss |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Seeds: {agg['seeds']}; pool corrupted share {ms(agg['base_rate'], True)} "
+        "(mean ± sd [min, max] over seeds).",
+        "",
+        "| method | AUROC | corrupted in top 10% | top-10% share / pool share | held-out loss |",
+        "|---|---|---|---|---|",
+    ]
     order = sorted(agg["methods"], key=lambda m: -agg["methods"][m]["auroc"]["mean"])
     for m in order:
         e = agg["methods"][m]
-        lines.append(f"| {m} | {ms(e['auroc'])} | {ms(e['top10'], True)} | "
-                     f"{ms(e['top10_vs_base'])} | {ms(e.get('heldout_loss', {}))} |")
+        lines.append(
+            f"| {m} | {ms(e['auroc'])} | {ms(e['top10'], True)} | "
+            f"{ms(e['top10_vs_base'])} | {ms(e.get('heldout_loss', {}))} |"
+        )
     if "random_subsets_heldout_loss" in agg:
-        lines += ["", "Held-out loss of the random subsets (all seeds): "
-                  + ms(agg["random_subsets_heldout_loss"])]
+        lines += [
+            "",
+            "Held-out loss of the random subsets (all seeds): "
+            + ms(agg["random_subsets_heldout_loss"]),
+        ]
     return "\n".join(lines) + "\n"
 
 

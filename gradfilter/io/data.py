@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PROMPT_TEMPLATE_WITH_INPUT = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
 @dataclass
@@ -273,7 +275,7 @@ def _token_boundary(tokenizer: Any, full: str, full_ids: list[int], char_pos: in
     if prefix == full_ids[:n]:
         return n
     k = 0
-    for a, b in zip(prefix, full_ids):
+    for a, b in zip(prefix, full_ids, strict=False):
         if a != b:
             break
         k += 1

@@ -95,6 +95,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from gradfilter.method.registry import SCORES as _SCORES
+
 DROPS = ("normalized", "log_ratio", "unnormalized")
 #: The G-SNR formulas (see the module docstring).
 FORMULAS = ("paper", "log_cv", "snr_cv", "rank")
@@ -103,31 +105,12 @@ CV_FLOOR = 1e-3
 SPREADS = ("var", "std")
 OFS = ("squared", "norm")
 
-#: Score name -> direction: +1 when a higher value is better, -1 when a lower one is.
-SCORES: dict[str, int] = {
-    # the combined criterion: large drop relative to the ensemble's late disagreement
-    "gsnr": +1,
-    # a large fall of the gradient norm between the snapshots means the example was learned
-    "drop": +1,
-    # low late spread means the ensemble members agree on the example (consistent signal)
-    "late_var": -1,
-    # low late coefficient of variation: members agree, whatever the norm's scale
-    "late_cv": -1,
-    # a small late norm means the example is fitted by the end of training
-    "late_norm": -1,
-    # GraNd keeps the examples with the highest early gradient norms
-    "early_norm": +1,
-}
+#: Score name -> direction: +1 when a higher value is better, -1 when a lower one is
+#: (a view of :data:`gradfilter.method.registry.SCORES`).
+SCORES: dict[str, int] = {n: (1 if s.higher_is_better else -1) for n, s in _SCORES.items()}
 
 #: Score name -> key of the :func:`gsnr_components` dictionary that holds its values.
-SCORE_SOURCES: dict[str, str] = {
-    "gsnr": "gsnr",
-    "drop": "drop",
-    "late_var": "late_var",
-    "late_cv": "late_cv",
-    "late_norm": "late_mean",
-    "early_norm": "early_mean",
-}
+SCORE_SOURCES: dict[str, str] = {n: s.source for n, s in _SCORES.items()}
 
 
 @dataclass(frozen=True)
@@ -303,7 +286,7 @@ def _unit_rank(x: np.ndarray) -> np.ndarray:
     # Ties: every member of a run of equal values gets the run's mean rank.
     starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
     ends = np.r_[starts[1:], n]
-    for a, b in zip(starts, ends):
+    for a, b in zip(starts, ends, strict=False):
         if b - a > 1:
             ranks[order[a:b]] = (a + b - 1) / 2.0
     return ranks / (n - 1)

@@ -76,7 +76,9 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
         kwargs = {**kwargs, "hidden_states": hidden}
     if not torch.is_tensor(old) or old.shape != hidden.shape:
         got = tuple(old.shape) if torch.is_tensor(old) else type(old).__name__
-        raise ValueError(f"decoder block input is {got}, the given hidden states {tuple(hidden.shape)}")
+        raise ValueError(
+            f"decoder block input is {got}, the given hidden states {tuple(hidden.shape)}"
+        )
     return args, kwargs
 
 
@@ -98,8 +100,13 @@ def _starting_at(model: nn.Module, k: int, hidden: torch.Tensor) -> Iterator[Non
         handle.remove()
 
 
-def run_from_layer(model: nn.Module, k: int, hidden: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+def run_from_layer(
+    model: nn.Module,
+    k: int,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
     """Run causal LM ``model`` from decoder block ``k`` on ``hidden`` ``[N, T, d]``,
     the input of block k; ``attention_mask`` ``[N, T]`` and the other keyword
     arguments (``position_ids``, ``use_cache``, ...) are those of a full forward.

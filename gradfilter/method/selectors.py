@@ -27,22 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-ENSEMBLE_METHODS = ("gsnr", "drop", "late_var", "grand")
-FORWARD_METHODS = ("loss", "ifd", "ifd_ppl")
-METHODS = ENSEMBLE_METHODS + FORWARD_METHODS + ("random",)
-
-HIGHER_IS_BETTER = {
-    "gsnr": True, "drop": True, "late_var": False, "grand": True,
-    "loss": True, "ifd": True, "ifd_ppl": True, "random": True,
-}
-
 
 def random_scores(n: int, seed: int) -> np.ndarray:
     """``n`` seeded uniform scores in [0, 1)."""
     return np.random.default_rng(seed).random(n)
 
 
-def ifd_from_losses(cond_loss: np.ndarray, alone_loss: np.ndarray, form: str = "loss_ratio") -> np.ndarray:
+def ifd_from_losses(
+    cond_loss: np.ndarray, alone_loss: np.ndarray, form: str = "loss_ratio"
+) -> np.ndarray:
     """IFD from the conditioned and the unconditioned mean response losses.
 
     ``loss_ratio``: ``L_cond / L_alone``; ``ppl_ratio``: ``exp(L_cond) / exp(L_alone)``.
@@ -70,17 +63,22 @@ def ifd_rank_scores(ifd: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def example_losses(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
+def example_losses(
+    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """``[B]`` mean token cross-entropy over each example's supervised tokens
     (causal shift); NaN for an example without supervised tokens."""
     device = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                use_cache=False)
+    out = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+    )
     logits = out.logits[:, :-1].float()
     target = labels[:, 1:].to(device)
     ce = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
     ).reshape(target.shape)
     count = (target != -100).sum(-1)
     loss = ce.sum(-1) / count.clamp(min=1)

@@ -200,8 +200,9 @@ def outer_sq_norms_cpp(
     ``"ghost"`` (alias ``"gram"``).  Returns float32 ``[B]`` (float64 for
     float64 input).  Raises RuntimeError when the extension is unavailable.
     """
-    _require("outer_sq_norms_cpp", "outer_sq_norms_ref",
-             left=left, right=right, cu_seqlens=cu_seqlens)
+    _require(
+        "outer_sq_norms_cpp", "outer_sq_norms_ref", left=left, right=right, cu_seqlens=cu_seqlens
+    )
     return torch.ops.gradfilter_cpp.outer_sq_norms(left, right, cu_seqlens, route)
 
 
@@ -215,6 +216,12 @@ def outer_grad_sq_norms_cpp(
     Returns ``(grad [G, a, b], sq [B])``, float32 (float64 for float64 input):
     ``grad[g] = sum_{i in g} L_i^T R_i`` and ``sq[i] = ||L_i^T R_i||_F^2``.
     """
-    _require("outer_grad_sq_norms_cpp", "outer_grad_sq_norms_ref",
-             left=left, right=right, cu_seqlens=cu_seqlens, groups=groups)
+    _require(
+        "outer_grad_sq_norms_cpp",
+        "outer_grad_sq_norms_ref",
+        left=left,
+        right=right,
+        cu_seqlens=cu_seqlens,
+        groups=groups,
+    )
     return torch.ops.gradfilter_cpp.outer_grad_sq_norms(left, right, cu_seqlens, groups)

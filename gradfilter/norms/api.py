@@ -19,6 +19,7 @@ def per_example_grad_norms(
     reduction: str = "mean",
     per_param: bool = False,
     train: bool = False,
+    model_kwargs: dict | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Per-example L2 norms of the gradient of each example's LM loss.
 
@@ -39,6 +40,8 @@ def per_example_grad_norms(
         reduction: ``"mean"`` or ``"sum"`` over an example's supervised tokens.
         per_param: return ``{parameter name: squared norms [B]}`` instead.
         train: run the model in train mode (dropout active) instead of eval mode.
+        model_kwargs: extra keyword arguments for the model's forward (for example a
+            :class:`gradfilter.LoRAEnsemble`'s ``prefix_states``).
 
     Returns:
         float32 ``[B]`` norms (or the per-parameter dict of squared norms).  An
@@ -64,7 +67,7 @@ def per_example_grad_norms(
     else:
         model.train(train)
         try:
-            sq = engine.run(input_ids, labels, attention_mask, reduction)
+            sq = engine.run(input_ids, labels, attention_mask, reduction, model_kwargs)
         finally:
             model.train(was_training)
     if per_param:
@@ -94,13 +97,19 @@ def _check_inputs(
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if not torch.is_tensor(labels) or labels.shape != input_ids.shape:
         got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {got}"
+        )
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must hold integer ids (-100 = ignored), got {labels.dtype}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
-        got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+        got = (
+            tuple(attention_mask.shape)
+            if torch.is_tensor(attention_mask)
+            else type(attention_mask).__name__
+        )
         raise ValueError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}"
         )

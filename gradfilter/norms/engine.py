@@ -145,9 +145,7 @@ class _Pass:
 
         for pid, owned in owners.items():
             state = state_of[pid]
-            state.factored = all(
-                key in RULE_PARAMS and rule_for(m) is not None for m, key in owned
-            )
+            state.factored = all(key in RULE_PARAMS and rule_for(m) is not None for m, key in owned)
 
         jobs: dict[int, _Job] = {}
         for pid, owned in owners.items():
@@ -247,9 +245,9 @@ class _Pass:
         if not state.factors:
             state.sq_norms = torch.zeros(self.valid.shape[0], dtype=torch.float32)
             return
-        state.sq_norms = ops.factor_sq_norms(
-            state.factors, self.valid, self.window
-        ).to(torch.float32)
+        state.sq_norms = ops.factor_sq_norms(state.factors, self.valid, self.window).to(
+            torch.float32
+        )
         state.factors = []
 
     def _run_fallbacks(self) -> None:
@@ -261,8 +259,9 @@ class _Pass:
             params = [s.param for s in job.fallback]
             for s in job.fallback:
                 if s.grads is None:
-                    s.grads = torch.zeros((bsz, *s.param.shape), dtype=s.param.dtype,
-                                          device=s.param.device)
+                    s.grads = torch.zeros(
+                        (bsz, *s.param.shape), dtype=s.param.dtype, device=s.param.device
+                    )
             for call in job.calls:
                 if all(g is None for g in call.grads):
                     continue
@@ -274,7 +273,7 @@ class _Pass:
                     outs = [out] if torch.is_tensor(out) else [o for o in out if torch.is_tensor(o)]
                     pairs = [
                         (o, g[i : i + 1])
-                        for o, g in zip(outs, call.grads)
+                        for o, g in zip(outs, call.grads, strict=False)
                         if g is not None and o.requires_grad
                     ]
                     if not pairs:
@@ -282,7 +281,7 @@ class _Pass:
                     grads = torch.autograd.grad(
                         [o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True
                     )
-                    for s, g in zip(job.fallback, grads):
+                    for s, g in zip(job.fallback, grads, strict=False):
                         if g is not None:
                             s.grads[i] += g
             job.calls = []
@@ -302,31 +301,49 @@ class _Pass:
         labels: torch.Tensor,
         attention_mask: torch.Tensor,
         reduction: str,
+        model_kwargs: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         bsz, seq = input_ids.shape
         supervised = labels[:, 1:] != -100  # [B, T-1]: position t predicts labels[t+1]
         counts = supervised.sum(-1)
         positions = torch.arange(seq, device=input_ids.device)
-        last = torch.where(
-            supervised, positions[:-1].expand(bsz, -1), torch.full_like(labels[:, 1:], -1)
-        ).amax(-1) if seq > 1 else torch.full((bsz,), -1, device=input_ids.device)
+        last = (
+            torch.where(
+                supervised, positions[:-1].expand(bsz, -1), torch.full_like(labels[:, 1:], -1)
+            ).amax(-1)
+            if seq > 1
+            else torch.full((bsz,), -1, device=input_ids.device)
+        )
         # Rows after an example's last supervised position, and padding, get no gradient.
         self.valid = attention_mask.bool() & (positions.unsqueeze(0) <= last.unsqueeze(1))
         rows = self.valid.any(0).nonzero()
         self.window = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)
 
         pdtype = next(iter(self.params)).param.dtype
-        self.anchor = torch.zeros((), dtype=pdtype if pdtype.is_floating_point else torch.float32,
-                                  device=input_ids.device, requires_grad=True)
+        self.anchor = torch.zeros(
+            (),
+            dtype=pdtype if pdtype.is_floating_point else torch.float32,
+            device=input_ids.device,
+            requires_grad=True,
+        )
         handles = []
         try:
             for job in self.jobs:
-                handles.append(job.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                handles.append(
+                    job.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                )
                 handles.append(
                     job.module.register_forward_hook(self._make_post_hook(job), with_kwargs=True)
                 )
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-            left_padded = (attention_mask[:, :-1] > attention_mask[:, 1:]).any() if seq > 1 else False
+            inputs = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "use_cache": False,
+                **(model_kwargs or {}),
+            }
+            left_padded = (
+                (attention_mask[:, :-1] > attention_mask[:, 1:]).any() if seq > 1 else False
+            )
             if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()) or left_padded:
                 # Positions must count real tokens only, as when the example is alone.
                 inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradfilter.norms import ops
 
@@ -46,7 +47,8 @@ class NormRecorder:
             raise ValueError(f"members and rows must be positive, got {members} and {rows}")
         if valid is not None and (valid.dim() != 2 or valid.shape[0] != members * rows):
             raise ValueError(
-                f"valid must be [members * rows, T] = [{members * rows}, T], got {tuple(valid.shape)}"
+                f"valid must be [members * rows, T] = [{members * rows}, T], "
+                f"got {tuple(valid.shape)}"
             )
         self.members, self.rows = members, rows
         self.valid = None if valid is None else valid.bool()
@@ -88,8 +90,12 @@ class StackedMatmul(torch.autograd.Function):
     """``y = x W_m^T`` per member block of rows; see the module docstring."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, recorder: NormRecorder | None,
-                part: str | None = None) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        recorder: NormRecorder | None,
+        part: str | None = None,
+    ) -> torch.Tensor:
         members = weight.shape[0]
         y = torch.bmm(_member_blocks(x, members), weight.transpose(1, 2))
         return y.reshape(*x.shape[:-1], weight.shape[1])
@@ -127,7 +133,8 @@ class StackedMatmul(torch.autograd.Function):
                 if rec.valid is not None:
                     if rec.valid.shape[1] != seq:
                         raise ValueError(
-                            f"the recorder's valid mask has {rec.valid.shape[1]} positions per row, "
+                            "the recorder's valid mask has "
+                            f"{rec.valid.shape[1]} positions per row, "
                             f"the layer has {seq}"
                         )
                     valid = rec.valid.to(x.device).reshape(members, rec.rows, seq)
@@ -137,8 +144,14 @@ class StackedMatmul(torch.autograd.Function):
         return (grad_x, grad_w) + (None,) * (ctx.n_inputs - 2)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, weight: torch.Tensor,
-             recorder: NormRecorder | None, part: str | None = None):
+    def vmap(
+        info: Any,
+        in_dims: tuple,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        recorder: NormRecorder | None,
+        part: str | None = None,
+    ):
         if recorder is not None:
             raise RuntimeError(
                 "per-example norms cannot be recorded under torch.func.vmap; record them from a "
@@ -153,7 +166,11 @@ class StackedMatmul(torch.autograd.Function):
             if rows % members:
                 raise ValueError(f"{rows} rows cannot be split between {members} members")
             n = rows // members
-            folded = xs.reshape(size, members, n, *rest).transpose(0, 1).reshape(members * size * n, *rest)
+            folded = (
+                xs.reshape(size, members, n, *rest)
+                .transpose(0, 1)
+                .reshape(members * size * n, *rest)
+            )
             y = StackedMatmul.apply(folded, weight, None)
             out = y.shape[1:]
             y = y.reshape(members, size, n, *out).transpose(0, 1).reshape(size, rows, *out)
@@ -166,3 +183,30 @@ class StackedMatmul(torch.autograd.Function):
             raise ValueError(f"{rows} rows cannot be split between {members} members")
         y = torch.einsum("vmki,vmoi->vmko", xs.reshape(size, members, -1, xs.shape[-1]), ws)
         return y.reshape(*xs.shape[:-1], ws.shape[2]), 0
+
+
+class StackedLinear(nn.Module):
+    """M bias-free linear maps ``weight: [M, out, in]`` applied to member-major row
+    blocks (the module form of :class:`StackedMatmul`).
+
+    ``part`` names the share of a recorder's norms its layers add to (``"A"`` /
+    ``"B"`` for LoRA factors).  ``forward(x, recorder)`` passes a
+    :class:`NormRecorder` for one backward; nothing is stored on the module.  Per
+    row, the gradient of a member's slice is ``g (x) x`` as for ``nn.Linear``, and
+    the norm engine's rule for it is registered in :mod:`gradfilter.norms.layers`.
+    """
+
+    def __init__(self, weight: torch.Tensor, part: str | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.part = part
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, recorder: NormRecorder | None = None) -> torch.Tensor:
+        m = self.members
+        if x.shape[0] % m:
+            raise ValueError(f"{x.shape[0]} rows cannot be split between {m} members")
+        return StackedMatmul.apply(x.to(self.weight.dtype), self.weight, recorder, self.part)

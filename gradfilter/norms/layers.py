@@ -13,8 +13,8 @@ Anything without a rule goes to the exact generic fallback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,8 @@ def rule_for(module: nn.Module) -> Rule | None:
         return _REGISTRY[cls]
     if cls is nn.Linear:
         return _linear
+    if _is_hf(module, "StackedLinear", "gradfilter.norms.fused"):
+        return _linear  # the ensemble's stacked LoRA factor: per row, like nn.Linear
     if _is_hf(module, "Conv1D", "transformers.pytorch_utils"):
         return _conv1d
     if cls is nn.Embedding:

@@ -29,7 +29,9 @@ def backend(device: torch.device | str | None = None) -> str:
     (see the README's benchmark table)."""
     wanted = os.environ.get("GRADFILTER_BACKEND", "auto").strip().lower()
     if wanted in ("", "auto"):
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        on_cuda = (
+            torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        )
         return "triton" if on_cuda and triton_available() else "reference"
     if wanted not in BACKENDS:
         raise ValueError(
@@ -52,8 +54,9 @@ def backend(device: torch.device | str | None = None) -> str:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _outer_packed(factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype,
-                  which: str) -> torch.Tensor:
+def _outer_packed(
+    factors: list[Factor], valid: torch.Tensor, dtype: torch.dtype, which: str
+) -> torch.Tensor:
     """Pack each example's rows (of every factor) without padding and reduce with
     the Triton or C++ kernels; same result as the reference routes."""
     masks = torch.cat([_mask(f, valid) for f in factors], dim=1)  # [B, K*T]
@@ -118,11 +121,13 @@ def factor_sq_norms(
     kinds = {f.kind for f in factors}
     lo, hi = window
     v = valid[:, lo:hi]
-    dtype = ref.compute_dtype(factors[0].left.dtype if factors[0].kind != "index"
-                              else factors[0].right.dtype)
+    dtype = ref.compute_dtype(
+        factors[0].left.dtype if factors[0].kind != "index" else factors[0].right.dtype
+    )
     if kinds == {"sum"}:
-        total = sum(_rows(f.left[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype).sum(1)
-                    for f in factors)
+        total = sum(
+            _rows(f.left[:, lo:hi], _mask(f, valid)[:, lo:hi], dtype).sum(1) for f in factors
+        )
         return total.square().sum(-1)
     if kinds == {"index"}:
         idx = torch.cat([f.left[:, lo:hi] for f in factors], dim=1)
@@ -133,8 +138,10 @@ def factor_sq_norms(
         raise ValueError(f"one parameter got incompatible gradient forms {sorted(kinds)}")
     factors = [_as_outer(f) for f in factors]
     packed_ok = {"triton": _TRITON_DTYPES, "cpp": _TRITON_DTYPES + (torch.float64,)}.get(which, ())
-    if all(f.left.dtype in packed_ok and f.right.dtype in packed_ok and f.left.dtype == f.right.dtype
-           for f in factors):
+    if all(
+        f.left.dtype in packed_ok and f.right.dtype in packed_ok and f.left.dtype == f.right.dtype
+        for f in factors
+    ):
         return _outer_packed(factors, valid, dtype, which)
     if loop_examples is None:
         a, b = factors[0].left.shape[-1], factors[0].right.shape[-1]
@@ -152,16 +159,18 @@ def factor_sq_norms(
     out = torch.zeros(v.shape[0], dtype=dtype, device=valid.device)
     for i in range(v.shape[0]):
         rows = [_mask(f, valid)[i] for f in factors]
-        left = torch.cat([f.left[i][m].to(dtype) for f, m in zip(factors, rows)])
+        left = torch.cat([f.left[i][m].to(dtype) for f, m in zip(factors, rows, strict=False)])
         if left.shape[0] == 0:
             continue
-        right = torch.cat([f.right[i][m].to(dtype) for f, m in zip(factors, rows)])
+        right = torch.cat([f.right[i][m].to(dtype) for f, m in zip(factors, rows, strict=False)])
         out[i] = ref.outer_sq_norms_ref(left.unsqueeze(0), right.unsqueeze(0))[0]
     return out
 
 
 def grad_and_sq_norms(
-    left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor | None = None,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training backward of stacked factors with per-example norms on the side.
 
@@ -188,7 +197,6 @@ def grad_and_sq_norms(
     which = backend(left.device)
     packed_ok = {"triton": _TRITON_DTYPES, "cpp": _TRITON_DTYPES + (torch.float64,)}.get(which, ())
     if left.dtype in packed_ok and left.dtype == right.dtype:
-
         if valid is None:
             lrows, rrows = left.reshape(-1, a), right.reshape(-1, b)
             lengths = torch.full((groups * n,), seq, dtype=torch.int64, device=left.device)

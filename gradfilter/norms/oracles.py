@@ -278,7 +278,7 @@ def loop_per_example_grad_norms(
             logits = model(**_model_kwargs(ids_i, mask_i)).logits
             loss = per_example_losses(logits, labels_i, reduction)[0][0]
             grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-            for (name, _), g in zip(params, grads):
+            for (name, _), g in zip(params, grads, strict=False):
                 if g is not None:
                     sq_norms[name][i] = g.detach().to(out_dtype).pow(2).sum()
     return _finish(sq_norms, counts, per_param)

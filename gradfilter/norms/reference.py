@@ -29,6 +29,7 @@ import torch
 from gradfilter.norms import routes
 from gradfilter.norms.routes import choose_route
 
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate half-precision inputs in float32; keep float32 and float64."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -52,7 +53,9 @@ def outer_sq_norms_direct_ref(left: torch.Tensor, right: torch.Tensor) -> torch.
     return out
 
 
-def outer_grad_sq_norms_ref(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def outer_grad_sq_norms_ref(
+    left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed gradient per group and per-example squared norms, in one pass.
 
     left ``[G, n, W, a]``, right ``[G, n, W, b]``: group g's example i has rows

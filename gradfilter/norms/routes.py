@@ -34,6 +34,7 @@ def interpret_requested() -> bool:
         pass
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
+
 #: Largest temporary (in elements) a reduction may allocate at once; blocks of
 #: examples or of gradient rows are sized to stay under it.
 TEMP_BUDGET = 1 << 24
@@ -69,7 +70,7 @@ def choose_packed_route(lengths: torch.Tensor | Iterable[int], a: int, b: int) -
     the route with the smaller summed per-example cost."""
     if isinstance(lengths, torch.Tensor):
         uniq, counts = torch.unique(lengths.to("cpu", torch.int64), return_counts=True)
-        pairs = zip(uniq.tolist(), counts.tolist())
+        pairs = zip(uniq.tolist(), counts.tolist(), strict=False)
     else:
         seen: dict[int, int] = {}
         for n in lengths:

@@ -1,0 +1,124 @@
+"""One optimiser step of every member of a :class:`LoRAEnsemble`, each on its own
+batch, in one folded forward and backward; per-example norms on the side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from gradfilter.method.lora import pad_right
+from gradfilter.norms.fused import NormRecorder
+
+if TYPE_CHECKING:
+    from gradfilter.method.ensemble import LoRAEnsemble
+
+
+def train_step(
+    ens: LoRAEnsemble,
+    member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    max_tokens: int | None = None,
+    member_rows: Sequence[Sequence[int]] | None = None,
+    record_norms: bool = False,
+    reduction: str = "mean",
+    by_factor: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """One optimiser step for all members, each on its own batch.
+
+    member_batches: M tuples ``(input_ids, labels, attention_mask)`` of equal
+    batch size (right-padded; lengths may differ).  Member m's loss is its mean
+    token cross-entropy over its batch (the Hugging Face convention).  With
+    ``max_tokens``, the folded step runs in chunks of rows of at most that many
+    padded tokens, accumulating the same gradient.  With a prefix cache,
+    ``member_rows`` (M lists of row indices) key the cached states; the
+    forward starts at block ``layers_from``.  Returns the ``[M]`` losses.
+
+    ``record_norms=True`` also returns ``[M, B]`` float64: for each member and
+    row of its batch, the squared norm of the gradient of that row's own loss
+    (the mean token cross-entropy of its response, or the sum with
+    ``reduction="sum"``; training itself is unaffected) with respect to the member's
+    LoRA parameters, at the parameters before the step and with the step's
+    dropout masks.  They come out of the step's own backward (the weight
+    gradient kernel returns them), not from an extra pass.  Rows with no
+    supervised token get NaN.  With ``by_factor=True`` a third value follows:
+    ``{"A": [M, B], "B": [M, B]}``, the same squared norms restricted to the
+    ``lora_A`` and to the ``lora_B`` factors (they add up to the total).
+    """
+    if len(member_batches) != ens.members:
+        raise ValueError(f"{len(member_batches)} batches for {ens.members} members")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    bsz = member_batches[0][0].shape[0]
+    if any(b[0].shape[0] != bsz for b in member_batches):
+        raise ValueError("every member needs a batch of the same size")
+    seq = max(b[0].shape[1] for b in member_batches)
+    lengths = [b[0].shape[1] for b in member_batches]
+    device = next(ens.adapters.parameters()).device
+    ids, labels, mask = (
+        torch.stack([pad_right(b[k], seq, v) for b in member_batches]).to(device)
+        for k, v in ((0, 0), (1, -100), (2, 0))
+    )  # [M, B, T]
+    counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+    prefix = None
+    if member_rows is not None and len(member_rows) != ens.members:
+        raise ValueError(f"{len(member_rows)} row lists for {ens.members} members")
+    if ens.prefix_cache is not None or member_rows is not None:
+        flat_rows = None if member_rows is None else [int(r) for rs in member_rows for r in rs]
+        prefix = ens.prefix_states(
+            ids.reshape(-1, seq), mask.reshape(-1, seq), flat_rows, max_tokens=max_tokens
+        )
+        prefix = prefix.reshape(ens.members, bsz, seq, -1)  # [M, B, T, d]
+    rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.members * seq)))
+    was = ens.training
+    ens.train()
+    ens.base.eval()  # base dropout off; only the adapters' dropout is active
+    total = torch.zeros(ens.members, dtype=torch.float64)
+    sq_norms = torch.zeros(ens.members, bsz, dtype=torch.float64) if record_norms else None
+    parts = {k: torch.zeros(ens.members, bsz, dtype=torch.float64) for k in ("A", "B")}
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            for r0 in range(0, bsz, rows):
+                sl = slice(r0, min(bsz, r0 + rows))
+                recorder = None
+                if record_norms:
+                    recorder = NormRecorder(
+                        ens.members, sl.stop - sl.start, valid=mask[:, sl].reshape(-1, seq).bool()
+                    )
+                sums, _ = ens.member_ce_sums(
+                    ids[:, sl].reshape(-1, seq),
+                    labels[:, sl].reshape(-1, seq),
+                    mask[:, sl].reshape(-1, seq),
+                    step_context={"lengths": lengths, "first_row": r0, "recorder": recorder},
+                    prefix_states=None
+                    if prefix is None
+                    else prefix[:, sl].reshape(-1, seq, prefix.shape[-1]),
+                )
+                (sums / counts).sum().backward()
+                total += sums.detach().double().cpu()
+                if recorder is not None:
+                    sq_norms[:, sl] = recorder.sq
+                    for k in parts:
+                        parts[k][:, sl] = recorder.part(k)
+            optimizer.step()
+    finally:
+        ens.train(was)
+    ens.step += 1
+    losses = (total / counts.cpu()).float()
+    if not record_norms:
+        return losses
+    # The recorder saw the gradient of the step's loss, in which row i of member m
+    # weighs 1 / count_m (count_m: the member's supervised tokens in the step).  The
+    # row's own loss weighs its tokens by 1 / n_i (mean) or 1 (sum), so its squared
+    # norm is the recorded one times (count_m / n_i)^2, or count_m^2.
+    own = (labels[:, :, 1:] != -100).sum(-1).cpu().double()
+    scale = counts.cpu().double().unsqueeze(1).square()
+    if reduction == "mean":
+        scale = scale / own.square()
+    nan = torch.full_like(sq_norms, float("nan"))
+    total_sq = torch.where(own > 0, sq_norms * scale, nan)
+    if not by_factor:
+        return losses, total_sq
+    return losses, total_sq, {k: torch.where(own > 0, v * scale, nan) for k, v in parts.items()}

@@ -1,0 +1,67 @@
+"""The top rows of a finished run, written in the input's own format."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from gradfilter.run.records import read_scores
+
+
+def select_from(
+    records: list[dict],
+    rows: list[Any],
+    source: Any,
+    ratio: float | None,
+    top_k: int | None,
+    output: str | None,
+    order: str,
+):
+    """Select from in-memory records and rows; see :func:`select`."""
+    from gradfilter.io.rows import write_subset
+    from gradfilter.method.gsnr import select_top
+    from gradfilter.method.registry import METHODS
+
+    method = records[0].get("method", "gsnr") if records else "gsnr"
+    key = "score" if records and "score" in records[0] else "gsnr"
+    g = np.array([np.nan if r[key] is None else r[key] for r in records])
+    chosen = select_top(
+        g,
+        ratio=ratio,
+        top_k=top_k,
+        n_rows=len(records),
+        higher_is_better=METHODS[method].higher_is_better,
+    ).tolist()
+    return write_subset(rows, source, chosen, output, order=order), chosen
+
+
+def select(
+    outdir: str,
+    ratio: float | None = None,
+    top_k: int | None = None,
+    output: str | None = None,
+    order: str = "rank",
+):
+    """Write the top rows of a finished run in the input's own format.
+
+    k = floor(ratio * input rows) (or ``top_k``), never more than the rows that
+    scored.  Returns ``(what write_subset returned, selected indices)``.
+    """
+    from gradfilter.io.rows import load_rows
+
+    records, run = read_scores(outdir)
+    src = run.get("source", {})
+    if not src.get("path"):
+        raise ValueError(f"{outdir} was scored from in-memory rows; select from the ScoreResult")
+    rows, source = load_rows(src["path"], fields=run["config"].get("fields") or None)
+    if len(rows) != len(records):
+        raise ValueError(
+            f"{src['path']} now has {len(rows)} rows but was scored with {len(records)}; "
+            "re-run score"
+        )
+    if output is None:
+        ext = {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}.get(source.kind, "")
+        output = os.path.join(outdir, "selected" + ext)
+    return select_from(records, rows, source, ratio, top_k, output, order)

@@ -1,0 +1,158 @@
+"""The resumable state of a scoring run and its checkpoint.
+
+A checkpoint (``OUTDIR/checkpoint.pt``) holds only tensors and plain Python
+values and is read with ``torch.load(weights_only=True)``, so a file planted in
+the output folder cannot run code.  Its identity says which run it belongs to:
+the settings that change the result, a hash of every row's content and tokens,
+and a fingerprint of the proxy's weights and tokenizer.  A checkpoint of another
+run, or an unreadable one, is refused with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradfilter.run.config import ScoreConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAJECTORY_KEYS = ("sq", "sq_a", "sq_b", "visit_step")
+
+
+@dataclass
+class RunState:
+    """Where a run is: warm-up steps done, the epoch and step in it, the snapshot
+    pass in progress, counters, the losses of every step, and the trajectory
+    (``[scored rows, members, checkpoints]`` squared norms, their ``lora_A`` /
+    ``lora_B`` shares, and the optimizer step each was recorded at)."""
+
+    warmup: int = 0
+    epoch: int = 0
+    step: int = 0
+    snapshot: int | None = None
+    snap_batch: int = 0
+    snaps_done: list[int] = field(default_factory=list)
+    tokens: int = 0
+    padded: int = 0
+    train_s: float = 0.0
+    snapshot_s: float = 0.0
+    losses: list[list[Any]] = field(default_factory=list)
+    trajectory: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, rows: int, members: int, checkpoints: int) -> RunState:
+        shape = (rows, members, checkpoints)
+        traj = {k: np.full(shape, np.nan) for k in ("sq", "sq_a", "sq_b")}
+        traj["visit_step"] = np.full(shape, -1, dtype=np.int64)
+        return cls(trajectory=traj)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        d = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "trajectory"
+        }
+        d["trajectory"] = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.trajectory.items()
+        }
+        return d
+
+    @classmethod
+    def from_checkpoint(cls, d: dict[str, Any]) -> RunState:
+        d = dict(d)
+        traj = {k: v.numpy().copy() for k, v in d.pop("trajectory").items()}
+        return cls(**d, trajectory=traj)
+
+
+def _hash_rows(rows: list[Any], encoded: list[Any]) -> str:
+    """Every row's position, id, status, token ids and labels: any change of a
+    row's content (or of the tokenizer's output) changes the hash."""
+    h = hashlib.sha256()
+    for r, e in zip(rows, encoded, strict=True):
+        h.update(f"{r.index}\x1f{r.id}\x1f{r.status}\x1f".encode())
+        if e is not None:
+            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
+    """A hash of the proxy: every parameter's name, shape and dtype and the first
+    and last 4,096 of its values, and the tokenizer's class and vocabulary size.
+    Replacing the weights at the same path changes it."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:4096], flat[-4096:]]).float().cpu().numpy()
+        h.update(f"{name}\x1f{tuple(p.shape)}\x1f{p.dtype}\x1f".encode())
+        h.update(sample.tobytes())
+    h.update(f"{type(tokenizer).__name__}\x1f{len(tokenizer)}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(
+    config: ScoreConfig, rows: list[Any], encoded: list[Any], model: torch.nn.Module, tokenizer: Any
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed."""
+    return {
+        "config": config.identity(),
+        "rows": _hash_rows(rows, encoded),
+        "proxy": model_fingerprint(model, tokenizer),
+    }
+
+
+def save_checkpoint(
+    path: str, identity: dict, adapters: dict, optimizer: dict, ensemble_step: int, state: RunState
+) -> None:
+    """Write atomically and durably (temporary file, fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(
+            {
+                "identity": identity,
+                "adapters": adapters,
+                "optimizer": optimizer,
+                "ensemble_step": ensemble_step,
+                "state": state.to_checkpoint(),
+            },
+            f,
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, identity: dict) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to the run ``identity``; None when
+    there is none.  Raises ValueError for an unreadable file or another run's."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, empty, not a zip, or holds code objects
+        raise ValueError(
+            f"{path} cannot be read as a gradfilter checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); delete it to start "
+            "the run again"
+        ) from None
+    if not isinstance(ck, dict) or "identity" not in ck:
+        raise ValueError(f"{path} is not a gradfilter checkpoint; delete it to start the run again")
+    if ck["identity"] != identity:
+        what = [k for k in identity if ck["identity"].get(k) != identity[k]]
+        names = {
+            "config": "settings",
+            "rows": "data (row content or tokens)",
+            "proxy": "proxy model",
+        }
+        raise ValueError(
+            f"{os.path.dirname(path) or '.'} holds a checkpoint of a different run (other "
+            f"{', '.join(names.get(w, w) for w in what)}); use another output folder or delete it"
+        )
+    return ck
