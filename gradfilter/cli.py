@@ -231,7 +231,7 @@ def _rescore(args: argparse.Namespace) -> int:
         for k in ("formula", "early", "late", "method", "drop", "spread", "of", "ddof", "eps")
     }
     try:
-        result = rescore(args.outdir, output=args.output, **opts)
+        result = rescore(args.outdir, output=args.output, plots=not args.no_plots, **opts)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -431,6 +431,7 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--of", choices=["squared", "norm"], default=None)
     p.add_argument("--ddof", type=int, choices=[0, 1], default=None)
     p.add_argument("--eps", type=float, default=None)
+    p.add_argument("--no-plots", action="store_true", help="write scores and run.json only")
     p.set_defaults(func=_rescore)
 
     p = sub.add_parser("select", help="write the top rows of a scored run")

@@ -166,7 +166,7 @@ def test_rescore_errors(tmp_path):
         rescore(str(tmp_path), late=3, output=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="1 <= early < late"):
         rescore(str(tmp_path), early=2, late=1, output=str(tmp_path / "x"))
-    with pytest.raises(FileNotFoundError, match="scores.jsonl"):
+    with pytest.raises(FileNotFoundError, match="run.json not found"):
         rescore(str(tmp_path / "missing"))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from typing import Any
 
@@ -76,10 +75,6 @@ def records_from_trajectory(
     return build_records(meta, ok, config, early_sq=early_sq, late_sq=late_sq)
 
 
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def build_records(
     meta: list[dict[str, Any]],
     ok: list[int],
@@ -111,55 +106,103 @@ def build_records(
     full = np.full(n, np.nan)
     full[ok] = method_score
     ranks = rank_scores(full, higher_is_better=method.higher_is_better)
-    pos = {row_i: j for j, row_i in enumerate(ok)}
     records = []
+    cols = _Columns(n, ok)
+    score_col = cols.full(full)
+    named = {k: cols.of(comp.get(k)) for k in ("gsnr", "drop", "late_var", "late_mean")}
+    named["early_mean"] = cols.of(comp.get("early_mean", values.get("early_mean")))
+    early_rows, late_rows = cols.rows(early_sq), cols.rows(late_sq)
+    ablations = {
+        k.split(".", 1)[1]: cols.of(v) for k, v in values.items() if k.startswith("ablation.")
+    }
+    others = {
+        k: cols.of(v) for k, v in values.items() if not k.startswith("ablation.") and k not in named
+    }
+    discarded = None
+    if method.discard_at is not None:
+        discarded = cols.of(np.where(values[method.source] < method.discard_at, 0.0, 1.0))
+    rank_list = ranks.tolist()
     for i, info in enumerate(meta):
-        j = pos.get(i)
-
-        def at(arr, j=j):
-            return None if j is None or arr is None else _num(arr[j])
-
         rec = {
             "index": info["index"],
             "id": info["id"],
             "status": info["status"],
             "method": method.name,
-            "score": _num(full[i]),
-            "gsnr": at(comp.get("gsnr")),
-            "drop": at(comp.get("drop")),
-            "late_var": at(comp.get("late_var")),
-            "early_mean": at(comp.get("early_mean", values.get("early_mean"))),
-            "late_mean": at(comp.get("late_mean")),
-            "early_sq": None if j is None or early_sq is None else [_num(v) for v in early_sq[j]],
-            "late_sq": None if j is None or late_sq is None else [_num(v) for v in late_sq[j]],
+            "score": score_col[i],
+            "gsnr": named["gsnr"][i],
+            "drop": named["drop"][i],
+            "late_var": named["late_var"][i],
+            "early_mean": named["early_mean"][i],
+            "late_mean": named["late_mean"][i],
+            "early_sq": early_rows[i],
+            "late_sq": late_rows[i],
             "n_tokens": info["n_tokens"],
             "n_response_tokens": info["n_response_tokens"],
             "truncated": info["truncated"],
-            "rank": int(ranks[i]),
+            "rank": rank_list[i],
         }
-        for name, arr in values.items():
-            if name.startswith("ablation."):
-                if j is not None:
-                    rec.setdefault("ablation", {})[name.split(".", 1)[1]] = _num(arr[j])
-            elif name not in rec:
-                rec[name] = at(arr)
-        if method.discard_at is not None and j is not None:
-            rec["discarded"] = not (values[method.source][j] < method.discard_at)
+        if cols.scored(i):
+            if ablations:
+                rec["ablation"] = {k: v[i] for k, v in ablations.items()}
+        for name, col in others.items():
+            rec[name] = col[i]
+        if discarded is not None and cols.scored(i):
+            rec["discarded"] = discarded[i] == 1.0
         records.append(rec)
     return records
+
+
+class _Columns:
+    """Per-row Python values of per-scored-row arrays: a float, or None for a row
+    that was not scored or a value that is not finite (JSON has no NaN)."""
+
+    def __init__(self, n: int, ok: list[int]) -> None:
+        self.n = n
+        self.ok = np.asarray(ok, dtype=np.int64)
+        self._scored = np.zeros(n, dtype=bool)
+        self._scored[self.ok] = True
+
+    def scored(self, i: int) -> bool:
+        return bool(self._scored[i])
+
+    def full(self, arr: np.ndarray) -> list[float | None]:
+        """A length-n array (already one entry per row)."""
+        a = np.asarray(arr, dtype=np.float64)
+        return [None if x != x else x for x in np.where(np.isfinite(a), a, np.nan).tolist()]
+
+    def of(self, arr: np.ndarray | None) -> list[float | None]:
+        """A per-scored-row array spread over the n rows."""
+        if arr is None:
+            return [None] * self.n
+        out = np.full(self.n, np.nan)
+        out[self.ok] = arr
+        return self.full(out)
+
+    def rows(self, arr: np.ndarray | None) -> list[list[float | None] | None]:
+        """``[ok rows, M]`` -> per row a list of M values, None for unscored rows."""
+        out: list[list[float | None] | None] = [None] * self.n
+        if arr is None:
+            return out
+        a = np.asarray(arr, dtype=np.float64)
+        a = np.where(np.isfinite(a), a, np.nan).tolist()
+        for j, i in enumerate(self.ok.tolist()):
+            out[i] = [None if x != x else x for x in a[j]]
+        return out
 
 
 def write_norms(
     outdir: str,
     traj: dict[str, np.ndarray],
     ok: list[int],
-    n_rows: int,
+    meta: list[dict[str, Any]],
     epochs: list[int],
     steps: list[int],
 ) -> None:
     """``OUTDIR/norms.npz``: the trajectory over every input row (NaN / -1 where a
     row was not scored), with the epoch and end-of-epoch optimizer step of each
-    checkpoint.  float64, so that a rescore reproduces the scores exactly."""
+    checkpoint, and the rows' :data:`ROW_FIELDS` (one JSON text).  float64, so
+    that a rescore reproduces the scores exactly."""
+    n_rows = len(meta)
     arrays: dict[str, np.ndarray] = {}
     for name, arr in traj.items():
         full = np.full(
@@ -174,32 +217,36 @@ def write_norms(
         epoch=np.asarray(epochs, dtype=np.int64),
         step=np.asarray(steps, dtype=np.int64),
         scored=np.asarray(ok, dtype=np.int64),
+        rows=np.asarray(json.dumps(meta, ensure_ascii=False)),
     )
     atomic_write(os.path.join(outdir, NORMS_FILE), buf.getvalue())
 
 
-def read_norms(outdir: str) -> dict[str, np.ndarray]:
+def read_norms(outdir: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The arrays of ``OUTDIR/norms.npz``: ``sq``, ``sq_a``, ``sq_b``
     ``[rows, members, checkpoints]`` float64, ``visit_step`` (int64), ``epoch`` and
-    ``step`` ``[checkpoints]``, ``scored`` (the scored row positions)."""
+    ``step`` ``[checkpoints]``, ``scored`` (the scored row positions) and ``rows``
+    (the rows' :data:`ROW_FIELDS`, a JSON text).  ``keys``: read only these."""
     path = os.path.join(outdir, NORMS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: only an ensemble run (gsnr, drop, late_var, grand) records norms"
         )
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return {k: z[k] for k in z.files if keys is None or k in keys}
 
 
-def write_outputs(outdir: str, records: list[dict], run: dict) -> None:
+def write_outputs(outdir: str, records: list[dict], run: dict, plots: bool = True) -> None:
     """``scores.jsonl``, ``run.json`` and, for G-SNR runs, the two plots."""
     from gradfilter.run.plots import plot_drop_vs_variance, plot_gsnr_distribution
 
     os.makedirs(outdir, exist_ok=True)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    # json.dumps(r, ensure_ascii=False) for each record; one encoder for all of them
+    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    lines = "".join([encode(r) + "\n" for r in records])
     atomic_write(os.path.join(outdir, SCORES_FILE), lines.encode("utf-8"))
     atomic_write(os.path.join(outdir, RUN_FILE), json.dumps(run, indent=2).encode("utf-8"))
-    if not any(r["drop"] is not None for r in records):
+    if not plots or not any(r["drop"] is not None for r in records):
         return
 
     def column(key: str) -> np.ndarray:
@@ -214,6 +261,15 @@ def write_outputs(outdir: str, records: list[dict], run: dict) -> None:
     plot_drop_vs_variance(
         column("drop"), column("late_var"), os.path.join(outdir, "drop_vs_variance.png"), top
     )
+
+
+def read_run(outdir: str) -> dict[str, Any]:
+    """The run summary (``run.json``) of a finished run in ``outdir``."""
+    path = os.path.join(outdir, RUN_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `gradfilter score DATA -o {outdir}` first")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_scores(outdir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
