@@ -194,6 +194,7 @@ def _score(args: argparse.Namespace) -> int:
             config,
             progress=not args.no_progress,
             dry_run=args.dry_run,
+            force=args.force,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -406,6 +407,9 @@ def _add_score_parser(sub: Any) -> None:
         "--dry-run", action="store_true", help="report rows, tokens and planned work only"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--force", action="store_true", help="replace the outputs of another run in the folder"
+    )
     p.add_argument(
         "--checkpoint-seconds",
         type=float,

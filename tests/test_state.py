@@ -155,3 +155,142 @@ def test_resume_after_kill_is_identical(tmp_path):
     assert (tmp_path / "a" / "scores.jsonl").read_bytes() == (
         tmp_path / "b" / "scores.jsonl"
     ).read_bytes()
+
+
+# ------------------------------------------------------------------ output folder
+
+
+def run_cli(*argv):
+    from gradfilter.cli import main
+
+    return main(list(argv))
+
+
+def test_output_folder_is_a_file_or_not_writable(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        score(ROWS, str(target), ScoreConfig(**CFG), progress=False, model_and_tokenizer=proxy())
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores the mode
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(ValueError, match="cannot write to the output folder"):
+            score(ROWS, str(ro), ScoreConfig(**CFG), progress=False, model_and_tokenizer=proxy())
+    finally:
+        ro.chmod(0o700)
+
+
+def test_one_run_per_folder_unless_forced(tmp_path):
+    out = tmp_path / "out"
+    first = score(
+        ROWS,
+        str(out),
+        ScoreConfig(**CFG),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
+    # the same settings again: finished again, same scores
+    again = score(
+        ROWS,
+        str(out),
+        ScoreConfig(**CFG),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
+    assert [r["gsnr"] for r in again.records] == [r["gsnr"] for r in first.records]
+    other = ScoreConfig(**{**CFG, "method": "loss"})
+    with pytest.raises(ValueError, match="holds the outputs of another run"):
+        score(
+            ROWS, str(out), other, progress=False, log=lambda s: None, model_and_tokenizer=proxy()
+        )
+    res = score(
+        ROWS,
+        str(out),
+        other,
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+        force=True,
+    )
+    assert res.run["method"] == "loss"
+    assert not (out / "norms.npz").exists() and not (out / "drop_vs_variance.png").exists()
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_no_scorable_row_still_writes_every_status(tmp_path):
+    rows = [{"instruction": "no output"}, {"instruction": "x", "output": "  "}, "junk"]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="no row can be scored.*status of every row"):
+        score(
+            rows,
+            str(out),
+            ScoreConfig(**CFG),
+            progress=False,
+            log=lambda s: None,
+            model_and_tokenizer=proxy(),
+        )
+    import json
+
+    recs = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    assert all(r["status"] != "ok" and r["score"] is None for r in recs)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_bad_lr_is_refused_before_loading(lr):
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        score(
+            ROWS, None, ScoreConfig(**{**CFG, "lr": lr}), progress=False, model_and_tokenizer=None
+        )
+
+
+def test_diverged_training_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="training diverged"):
+        score(
+            ROWS,
+            str(tmp_path / "out"),
+            ScoreConfig(**{**CFG, "lr": 1e30, "alpha": 1e30}),
+            progress=False,
+            log=lambda s: None,
+            model_and_tokenizer=proxy(),
+        )
+
+
+def test_select_refuses_a_reordered_file(tmp_path):
+    import json
+
+    from gradfilter.run.select import select
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    score(
+        str(data),
+        str(out),
+        ScoreConfig(**CFG),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
+    select(str(out), top_k=3)
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversed(ROWS)))
+    with pytest.raises(ValueError, match="has changed since it was scored"):
+        select(str(out), top_k=3)
+
+
+def test_one_member_warns(tmp_path):
+    said = []
+    score(
+        ROWS,
+        None,
+        ScoreConfig(**{**CFG, "members": 1}),
+        progress=False,
+        log=said.append,
+        model_and_tokenizer=proxy(),
+    )
+    assert any("one member" in s for s in said)

@@ -283,7 +283,10 @@ def _from_pretrained(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    extra: dict[str, Any] = {} if gguf_file is None else {"gguf_file": gguf_file}
+    # Never run code shipped with a model folder, and never ask on a terminal.
+    extra: dict[str, Any] = {"trust_remote_code": False}
+    if gguf_file is not None:
+        extra["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     try:
         model = AutoModelForCausalLM.from_pretrained(

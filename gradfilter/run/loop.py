@@ -167,6 +167,11 @@ class EnsembleRun:
             by_factor=True,
         )
         losses = out[0] if record is not None else out
+        if not bool(torch.isfinite(losses).all()):
+            raise ValueError(
+                f"training diverged: member losses {[round(x, 4) for x in losses.tolist()]} at "
+                f"optimizer step {visit} (epoch {state.epoch + 1}); lower --lr or check --alpha"
+            )
         if record is not None:
             traj = state.trajectory
             sq, parts = out[1].numpy(), {k: v.numpy() for k, v in out[2].items()}

@@ -263,6 +263,19 @@ def write_outputs(outdir: str, records: list[dict], run: dict, plots: bool = Tru
     )
 
 
+def rows_fingerprint(rows: list[Any]) -> str:
+    """A hash of every row's position, id and content (what ``select`` checks
+    before writing a subset of the file that was scored)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        content = [r.index, r.id, r.kind, r.instruction, r.input, r.output, r.messages]
+        h.update(json.dumps(content, ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]
+
+
 def read_run(outdir: str) -> dict[str, Any]:
     """The run summary (``run.json``) of a finished run in ``outdir``."""
     path = os.path.join(outdir, RUN_FILE)

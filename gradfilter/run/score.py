@@ -40,6 +40,7 @@ from gradfilter.run.records import (
     read_scores,
     records_from_trajectory,
     row_meta,
+    rows_fingerprint,
     write_norms,
     write_outputs,
 )
@@ -235,6 +236,7 @@ def score(
     log: Callable[[str], None] | None = None,
     model_and_tokenizer: tuple[Any, Any] | None = None,
     stop_after: int | None = None,
+    force: bool = False,
 ) -> ScoreResult:
     """Score every row of ``data`` by ``config.method`` (G-SNR by default).
 
@@ -247,10 +249,25 @@ def score(
         dry_run: report rows, tokens and the planned work, then stop.
         model_and_tokenizer: use this proxy instead of loading ``config.proxy``.
         stop_after: stop (as if killed) after this many training steps; for tests.
+        force: ``outdir`` may hold the outputs of another run; they are removed.
+            Without it such a folder is refused (a finished run of the same
+            settings is simply finished again; an interrupted one resumes).
+
+    Raises:
+        ValueError: bad settings, an unusable output folder, no scorable row (the
+            per-row statuses are still written to ``scores.jsonl``), or training
+            that diverged (a non-finite loss).
     """
     config = config or ScoreConfig()
     config.validate()
     say = log or (lambda s: print(s, file=sys.stderr))
+    if outdir and not dry_run:
+        claim_outdir(outdir, config, force)
+    if config.members == 1 and config.method in ("gsnr", "late_var"):
+        say(
+            "warning: with one member the late variance is 0 for every row, so G-SNR is the "
+            "drop divided by eps (the paper formula) and late_var ranks every row the same"
+        )
     t_start = time.perf_counter()
     model, tok = _load_proxy(config, model_and_tokenizer)
     timings = {"load_s": time.perf_counter() - t_start}
@@ -268,7 +285,20 @@ def score(
             prepared.source,
         )
     if not prepared.ok:
-        raise ValueError("no row can be scored: " + json.dumps(work.summary["statuses"]))
+        if outdir:  # every row still gets its status
+            meta = row_meta(prepared.rows, prepared.encoded)
+            run = {
+                "config": dataclasses.asdict(config),
+                "method": config.method,
+                "plan": work.summary,
+                "scored": 0,
+            }
+            write_outputs(outdir, build_records(meta, [], config, **_empty_inputs(config)), run)
+        raise ValueError(
+            "no row can be scored: "
+            + json.dumps(work.summary["statuses"])
+            + (f"; the status of every row is in {outdir}/{SCORES_FILE}" if outdir else "")
+        )
     if work.ensemble:
         records, counted, extra = _score_ensemble(
             config, model, tok, prepared, work, outdir, say, progress, stop_after, timings
@@ -277,9 +307,74 @@ def score(
         records, counted, extra = _score_forward(config, model, tok, prepared, work, timings)
     timings["total_s"] = time.perf_counter() - t_start
     run = {**_run_summary(config, prepared.source, work.summary, timings, counted, model), **extra}
+    run["rows_fingerprint"] = rows_fingerprint(prepared.rows)
     if outdir:
         write_outputs(outdir, records, run)
     return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
+
+
+def _empty_inputs(config: ScoreConfig) -> dict[str, Any]:
+    """``build_records`` inputs of a run that scored no row."""
+    method = METHODS[config.method]
+    if method.kind != "ensemble":
+        return {"values": {method.source: np.zeros(0)}}
+    empty = np.zeros((0, config.members))
+    return {"early_sq": empty, "late_sq": None if config.method == "grand" else empty}
+
+
+#: The files a run writes into its output folder (``--force`` removes them).
+RUN_OUTPUTS = (
+    SCORES_FILE,
+    RUN_FILE,
+    NORMS_FILE,
+    CHECKPOINT_FILE,
+    "gsnr_distribution.png",
+    "drop_vs_variance.png",
+)
+
+
+def claim_outdir(outdir: str, config: ScoreConfig, force: bool) -> None:
+    """Check that ``outdir`` can hold this run, before any work is done.
+
+    It must be a folder we can write (created if missing).  One run per folder: a
+    folder whose ``run.json`` or checkpoint belongs to other settings is refused
+    unless ``force``, which removes the old outputs."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f"output folder {outdir} is an existing file; give a folder")
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        probe = os.path.join(outdir, ".gradfilter-write-test")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {outdir}: {e.strerror or e}") from None
+    previous = None
+    try:
+        previous = read_run(outdir)
+    except (FileNotFoundError, ValueError):
+        pass
+    other = (
+        previous is not None
+        and ScoreConfig(
+            **{
+                k: v
+                for k, v in previous.get("config", {}).items()
+                if k in {f.name for f in dataclasses.fields(ScoreConfig)}
+            }
+        ).identity()
+        != config.identity()
+    )
+    if other and not force:
+        raise ValueError(
+            f"{outdir} holds the outputs of another run (method {previous.get('method')!r}, other "
+            "settings); use another folder, or --force to replace them"
+        )
+    if force:
+        for name in RUN_OUTPUTS:
+            path = os.path.join(outdir, name)
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, stop_after, timings):

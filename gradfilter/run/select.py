@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from gradfilter.run.records import read_scores
+from gradfilter.run.records import read_scores, rows_fingerprint
 
 
 def select_from(
@@ -56,6 +56,12 @@ def select(
     if not src.get("path"):
         raise ValueError(f"{outdir} was scored from in-memory rows; select from the ScoreResult")
     rows, source = load_rows(src["path"], fields=run["config"].get("fields") or None)
+    want = run.get("rows_fingerprint")
+    if want is not None and len(rows) == len(records) and rows_fingerprint(rows) != want:
+        raise ValueError(
+            f"{src['path']} has changed since it was scored (same row count, other content or "
+            "order); re-run score"
+        )
     if len(rows) != len(records):
         raise ValueError(
             f"{src['path']} now has {len(rows)} rows but was scored with {len(records)}; "
