@@ -26,7 +26,9 @@ Nothing in this module ever contacts the Hugging Face Hub on its own; set
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 from typing import Any
 
@@ -288,14 +290,32 @@ def _from_pretrained(
     if gguf_file is not None:
         extra["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, attn_implementation="eager", **extra
-        )
-    except (ValueError, ImportError, NotImplementedError):
-        # Architectures without an eager attention path fall back to the default.
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    with _without_packed_gguf_warning():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, attn_implementation="eager", **extra
+            )
+        except (ValueError, ImportError, NotImplementedError):
+            # Architectures without an eager attention path fall back to the default.
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
     return model.eval(), _ensure_pad_token(tokenizer)
+
+
+@contextlib.contextmanager
+def _without_packed_gguf_warning():
+    """Drop transformers' warning that a GGUF model's weights "stay packed" and every
+    matmul casts: it is printed before the loader decides to de-quantise (as it
+    does here, into dense layers), so it describes a model the user does not get."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "weights packed is fastest" not in record.getMessage()
+
+    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def load_proxy(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,8 @@ import torch
 
 from gradfilter.method.registry import METHODS
 from gradfilter.run.config import ScoreConfig
-from gradfilter.run.loop import EnsembleRun, collate
+from gradfilter.run.forward import pad_id_of, run_summary, score_forward
+from gradfilter.run.loop import EnsembleRun
 from gradfilter.run.records import (
     NORMS_FILE,
     RUN_FILE,
@@ -45,7 +45,7 @@ from gradfilter.run.records import (
     write_outputs,
 )
 from gradfilter.run.select import select, select_from
-from gradfilter.run.state import CHECKPOINT_FILE, run_identity
+from gradfilter.run.state import CHECKPOINT_FILE, claim_outdir, run_identity
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -285,32 +285,37 @@ def score(
             prepared.source,
         )
     if not prepared.ok:
-        if outdir:  # every row still gets its status
-            meta = row_meta(prepared.rows, prepared.encoded)
-            run = {
-                "config": dataclasses.asdict(config),
-                "method": config.method,
-                "plan": work.summary,
-                "scored": 0,
-            }
-            write_outputs(outdir, build_records(meta, [], config, **_empty_inputs(config)), run)
-        raise ValueError(
-            "no row can be scored: "
-            + json.dumps(work.summary["statuses"])
-            + (f"; the status of every row is in {outdir}/{SCORES_FILE}" if outdir else "")
-        )
+        _no_row_scored(config, prepared, work, outdir)
     if work.ensemble:
         records, counted, extra = _score_ensemble(
             config, model, tok, prepared, work, outdir, say, progress, stop_after, timings
         )
     else:
-        records, counted, extra = _score_forward(config, model, tok, prepared, work, timings)
+        records, counted, extra = score_forward(config, model, tok, prepared, work, timings)
     timings["total_s"] = time.perf_counter() - t_start
-    run = {**_run_summary(config, prepared.source, work.summary, timings, counted, model), **extra}
+    run = {**run_summary(config, prepared.source, work.summary, timings, counted, model), **extra}
     run["rows_fingerprint"] = rows_fingerprint(prepared.rows)
     if outdir:
         write_outputs(outdir, records, run)
     return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
+
+
+def _no_row_scored(config: ScoreConfig, prepared: Prepared, work: Plan, outdir: str | None):
+    """Write every row's status (when there is a folder), then raise."""
+    if outdir:
+        meta = row_meta(prepared.rows, prepared.encoded)
+        run = {
+            "config": dataclasses.asdict(config),
+            "method": config.method,
+            "plan": work.summary,
+            "scored": 0,
+        }
+        write_outputs(outdir, build_records(meta, [], config, **_empty_inputs(config)), run)
+    raise ValueError(
+        "no row can be scored: "
+        + json.dumps(work.summary["statuses"])
+        + (f"; the status of every row is in {outdir}/{SCORES_FILE}" if outdir else "")
+    )
 
 
 def _empty_inputs(config: ScoreConfig) -> dict[str, Any]:
@@ -320,61 +325,6 @@ def _empty_inputs(config: ScoreConfig) -> dict[str, Any]:
         return {"values": {method.source: np.zeros(0)}}
     empty = np.zeros((0, config.members))
     return {"early_sq": empty, "late_sq": None if config.method == "grand" else empty}
-
-
-#: The files a run writes into its output folder (``--force`` removes them).
-RUN_OUTPUTS = (
-    SCORES_FILE,
-    RUN_FILE,
-    NORMS_FILE,
-    CHECKPOINT_FILE,
-    "gsnr_distribution.png",
-    "drop_vs_variance.png",
-)
-
-
-def claim_outdir(outdir: str, config: ScoreConfig, force: bool) -> None:
-    """Check that ``outdir`` can hold this run, before any work is done.
-
-    It must be a folder we can write (created if missing).  One run per folder: a
-    folder whose ``run.json`` or checkpoint belongs to other settings is refused
-    unless ``force``, which removes the old outputs."""
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise ValueError(f"output folder {outdir} is an existing file; give a folder")
-    try:
-        os.makedirs(outdir, exist_ok=True)
-        probe = os.path.join(outdir, ".gradfilter-write-test")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"cannot write to the output folder {outdir}: {e.strerror or e}") from None
-    previous = None
-    try:
-        previous = read_run(outdir)
-    except (FileNotFoundError, ValueError):
-        pass
-    other = (
-        previous is not None
-        and ScoreConfig(
-            **{
-                k: v
-                for k, v in previous.get("config", {}).items()
-                if k in {f.name for f in dataclasses.fields(ScoreConfig)}
-            }
-        ).identity()
-        != config.identity()
-    )
-    if other and not force:
-        raise ValueError(
-            f"{outdir} holds the outputs of another run (method {previous.get('method')!r}, other "
-            "settings); use another folder, or --force to replace them"
-        )
-    if force:
-        for name in RUN_OUTPUTS:
-            path = os.path.join(outdir, name)
-            if os.path.exists(path):
-                os.remove(path)
 
 
 def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, stop_after, timings):
@@ -450,16 +400,6 @@ def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, s
     return records, counted, extra
 
 
-def _score_forward(config, model, tok, prepared, work, timings):
-    t0 = time.perf_counter()
-    values, counted = _forward_method(
-        config, model, tok, prepared.rows, prepared.encoded, prepared.ok, work.snaps, pad_id_of(tok)
-    )
-    timings["scoring_s"] = time.perf_counter() - t0
-    meta = row_meta(prepared.rows, prepared.encoded)
-    return build_records(meta, prepared.ok, config, values=values), counted, {}
-
-
 def rescore(
     outdir: str,
     *,
@@ -513,85 +453,3 @@ def rescore(
         with open(os.path.join(outdir, NORMS_FILE), "rb") as f:
             atomic_write(os.path.join(dest, NORMS_FILE), f.read())
     return ScoreResult(new, run, dest)
-
-
-def pad_id_of(tok: Any) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from gradfilter import __version__
-
-    return {
-        "gradfilter": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _run_summary(config, source, plan, timings, counted, model) -> dict[str, Any]:
-    total_tokens = counted["tokens"] + counted["padded"]
-    return {
-        "config": dataclasses.asdict(config),
-        "versions": _versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(next(model.parameters()).device),
-        },
-        "seed": config.seed,
-        "method": config.method,
-        "source": {"kind": getattr(source, "kind", None), "path": getattr(source, "path", None)},
-        "plan": plan,
-        "timings": timings,
-        "tokens_processed": counted["tokens"],
-        "tokens_per_second": counted["tokens"] / max(1e-9, counted["seconds"]),
-        "padding_fraction": counted["padded"] / max(1, total_tokens),
-    }
-
-
-def _response_text(row: Any) -> str:
-    if row.kind == "chat":
-        return "\n".join(m["content"] for m in row.messages or [] if m.get("role") == "assistant")
-    return row.output
-
-
-def _forward_method(config, model, tok, rows, encoded, ok, snaps, pad_id):
-    """Scores of the forward-only baselines: ``(values over ok rows, token counts)``."""
-    from gradfilter.io.data import encode_pair
-    from gradfilter.method.selectors import example_losses, ifd_from_losses, random_scores
-
-    counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
-    if config.method == "random":
-        return {"random": random_scores(len(ok), config.seed)}, counted
-    model.eval()
-
-    def losses(encs: list[Any]) -> np.ndarray:
-        out = np.full(len(ok), np.nan)
-        t = time.perf_counter()
-        for idx in snaps:
-            ids, labels, mask = collate(encs, idx, pad_id)
-            out[idx] = example_losses(model, ids, labels, mask).double().numpy()
-            counted["tokens"] += int(mask.sum())
-            counted["padded"] += int(mask.numel() - mask.sum())
-        counted["seconds"] += time.perf_counter() - t
-        return out
-
-    cond = losses([encoded[i] for i in ok])
-    if config.method == "loss":
-        return {"loss": cond}, counted
-    alone_enc = [encode_pair(tok, "", _response_text(rows[i]), config.max_length) for i in ok]
-    alone = losses(alone_enc)
-    values = {
-        "cond_loss": cond,
-        "alone_loss": alone,
-        "ifd": ifd_from_losses(cond, alone, "loss_ratio"),
-        "ifd_ppl": ifd_from_losses(cond, alone, "ppl_ratio"),
-    }
-    return values, counted

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gradfilter.run.config import ScoreConfig
+from gradfilter.run.records import NORMS_FILE, RUN_FILE, SCORES_FILE
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAJECTORY_KEYS = ("sq", "sq_a", "sq_b", "visit_step")
@@ -156,3 +157,60 @@ def load_checkpoint(path: str, identity: dict) -> dict[str, Any] | None:
             f"{', '.join(names.get(w, w) for w in what)}); use another output folder or delete it"
         )
     return ck
+
+
+#: The files a run writes into its output folder (``--force`` removes them).
+RUN_OUTPUTS = (
+    SCORES_FILE,
+    RUN_FILE,
+    NORMS_FILE,
+    CHECKPOINT_FILE,
+    "gsnr_distribution.png",
+    "drop_vs_variance.png",
+)
+
+
+def claim_outdir(outdir: str, config: ScoreConfig, force: bool) -> None:
+    """Check that ``outdir`` can hold this run, before any work is done.
+
+    It must be a folder we can write (created if missing).  One run per folder: a
+    folder whose ``run.json`` or checkpoint belongs to other settings is refused
+    unless ``force``, which removes the old outputs."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f"output folder {outdir} is an existing file; give a folder")
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        probe = os.path.join(outdir, ".gradfilter-write-test")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {outdir}: {e.strerror or e}") from None
+    from gradfilter.run.records import read_run
+
+    previous = None
+    try:
+        previous = read_run(outdir)
+    except (FileNotFoundError, ValueError):
+        pass
+    other = (
+        previous is not None
+        and ScoreConfig(
+            **{
+                k: v
+                for k, v in previous.get("config", {}).items()
+                if k in {f.name for f in dataclasses.fields(ScoreConfig)}
+            }
+        ).identity()
+        != config.identity()
+    )
+    if other and not force:
+        raise ValueError(
+            f"{outdir} holds the outputs of another run (method {previous.get('method')!r}, other "
+            "settings); use another folder, or --force to replace them"
+        )
+    if force:
+        for name in RUN_OUTPUTS:
+            path = os.path.join(outdir, name)
+            if os.path.exists(path):
+                os.remove(path)
