@@ -10,6 +10,8 @@ One optimiser step of a LoRA ensemble (members folded into the batch), three way
   snapshot passes of ``gradfilter score`` run): what ``M x B`` norms cost
   without the fused backward.
 
+On CUDA the cases at B=8, T=512 and T=1024 are added.
+
 Run::
 
     python -m pytest benchmarks/bench_fused.py \
@@ -52,6 +54,8 @@ MODELS = {
     "GPT-2-small-shaped (4 x 768)": (4, 768, 12, 50257),
 }
 CASES = [(5, 4, 128), (5, 2, 512)] + ([(5, 8, 512)] if FULL else [])
+if DEVICE == "cuda":  # the sizes the targets name: B=8, T=512 and 1024
+    CASES = CASES + [c for c in [(5, 8, 512), (5, 8, 1024)] if c not in CASES]
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

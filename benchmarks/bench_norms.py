@@ -19,7 +19,12 @@ Model-level cases:
   B=2, T=512 and T=1024.  B is 2, not 8, so that the whole grid fits in
   about half an hour on a 2-core CPU shared with other work: at B=8, T=1024
   one call takes minutes for Opacus's hooks and ``torch.func``, and eager
-  attention alone needs several GB resident.
+  attention alone needs several GB resident;
+* on CUDA, also the sizes the targets name: the 12-layer model at B=8,
+  T=512 and T=1024, and the layer at B=8, T=1024.
+
+``GRADFILTER_BENCH_DTYPE=bfloat16`` (or ``float16``) runs the layer and model
+cases in that dtype instead of float32 (on CUDA; the CPU lane stays float32).
 
 Each timed round of a model-level norms provider is paired with a plain step
 run just before it (``paired_ratio_median`` in ``extra_info``): on a shared
@@ -73,6 +78,11 @@ from gradfilter.norms.oracles import (
 
 FULL = os.environ.get("GRADFILTER_BENCH_FULL") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+    os.environ.get("GRADFILTER_BENCH_DTYPE", "float32")
+]
+#: Appended to group names, so that float32 and half-precision cases never share a table row.
+DTYPE_TAG = "" if DTYPE == torch.float32 else f" {str(DTYPE).removeprefix('torch.')}"
 
 
 def _sync() -> None:
@@ -81,7 +91,12 @@ def _sync() -> None:
 
 
 def _common_info() -> dict:
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": DEVICE}
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": DEVICE,
+        "dtype": str(DTYPE).removeprefix("torch."),
+    }
 
 
 # -- peak memory ----------------------------------------------------------------------
@@ -134,16 +149,18 @@ def measure_peak(fn) -> dict:
 # -- layer level --------------------------------------------------------------------
 
 LAYER_CASES = [(b, t, r) for b in (1, 8) for t in (128, 512) for r in (8, 64)]
+if DEVICE == "cuda":
+    LAYER_CASES += [(8, 1024, r) for r in (8, 64)]
 if FULL:
     LAYER_CASES += [(b, 2048, r) for b in (1, 8) for r in (8, 64)]
 
 
 def _layer_tensors(bsz: int, seq: int, r: int, d: int = 768):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(bsz, seq, d, generator=gen).to(DEVICE)  # LoRA A input
-    z = torch.randn(bsz, seq, r, generator=gen).to(DEVICE)  # gradient at A's output
-    h = torch.randn(bsz, seq, r, generator=gen).to(DEVICE)  # LoRA B input
-    g = torch.randn(bsz, seq, d, generator=gen).to(DEVICE)  # gradient at B's output
+    x = torch.randn(bsz, seq, d, generator=gen).to(DEVICE, DTYPE)  # LoRA A input
+    z = torch.randn(bsz, seq, r, generator=gen).to(DEVICE, DTYPE)  # gradient at A's output
+    h = torch.randn(bsz, seq, r, generator=gen).to(DEVICE, DTYPE)  # LoRA B input
+    g = torch.randn(bsz, seq, d, generator=gen).to(DEVICE, DTYPE)  # gradient at B's output
     return x, z, h, g
 
 
@@ -189,10 +206,13 @@ LAYER_PROVIDERS = {
 def test_layer_norm(benchmark, provider, bsz, seq, r):
     x, z, h, g = _layer_tensors(bsz, seq, r)
     fn = LAYER_PROVIDERS[provider]
-    want = _materialise_layer(x, z, h, g).double()
+    if DTYPE == torch.float32:
+        want, rtol = _materialise_layer(x, z, h, g).double(), 1e-3
+    else:  # the exact norms of the rounded inputs; half-precision providers round their output
+        want, rtol = _materialise_layer(*(t.double() for t in (x, z, h, g))), 2e-2
     got = fn(x, z, h, g).double()
-    assert torch.allclose(got, want, rtol=1e-3), (provider, got, want)
-    benchmark.group = f"layer d=768 r={r} B={bsz} T={seq}"
+    assert torch.allclose(got, want, rtol=rtol), (provider, got, want)
+    benchmark.group = f"layer d=768 r={r} B={bsz} T={seq}{DTYPE_TAG}"
     benchmark.extra_info.update(
         level="layer",
         provider=provider,
@@ -238,7 +258,7 @@ def gpt2_small_lora(n_layer: int = 12, r: int = 8):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.02)
-    return model.to(DEVICE).eval()
+    return model.to(DEVICE, DTYPE).eval()
 
 
 def smollm2_lora(r: int = 8):
@@ -259,7 +279,7 @@ def smollm2_lora(r: int = 8):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model.to(DEVICE).eval()
+    return model.to(DEVICE, DTYPE).eval()
 
 
 MODELS = {
@@ -294,6 +314,8 @@ MODEL_CASES = (
     if FULL
     else [("gpt2-4", 4, 128), ("gpt2-4", 2, 512), ("smollm2", 1, 512), ("smollm2", 8, 128)]
 )
+if DEVICE == "cuda":  # the sizes the targets name; first, so that cases stay ordered by model
+    MODEL_CASES = [("gpt2-12", 8, 512), ("gpt2-12", 8, 1024)] + MODEL_CASES
 
 
 @pytest.mark.parametrize("provider", list(MODEL_PROVIDERS))
@@ -308,7 +330,7 @@ def test_model_norms(benchmark, provider, model_key, bsz, seq):
     labels = ids.clone()
     labels[:, : seq // 4] = -100
     fn = MODEL_PROVIDERS[provider]
-    benchmark.group = f"{MODELS[model_key][0]} B={bsz} T={seq}"
+    benchmark.group = f"{MODELS[model_key][0]} B={bsz} T={seq}{DTYPE_TAG}"
     param_mib = (
         sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     )

@@ -53,6 +53,7 @@ bfloat16 is refused there because the interpreter mis-handles it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -688,6 +689,15 @@ def _auto_rows_per_program(
     return max(MIN_SPLIT_ROWS, triton.next_power_of_2(triton.cdiv(max_len, chunks)))
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for a launch: Triton launches on the current CUDA
+    device, so tensors on ``cuda:1`` would otherwise be read from ``cuda:0``'s
+    context.  A no-op on the CPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _check_config(cfg: triton.Config, keys: tuple[str, ...]) -> None:
     for key in keys:
         if key not in cfg.kwargs or int(cfg.kwargs[key]) < MIN_DOT:
@@ -778,12 +788,13 @@ def outer_sq_norms_direct(
         *strides,
     )
     precision = _input_precision(left.dtype, allow_tf32)
-    if tuned:
-        _tuned_kernel("direct")[grid](*args, SPLIT_T=split, INPUT_PRECISION=precision)
-    else:
-        _outer_sq_norm_direct_kernel[grid](
-            *args, SPLIT_T=split, INPUT_PRECISION=precision, **_launch_options(cfg)
-        )
+    with _on_device(left.device):
+        if tuned:
+            _tuned_kernel("direct")[grid](*args, SPLIT_T=split, INPUT_PRECISION=precision)
+        else:
+            _outer_sq_norm_direct_kernel[grid](
+                *args, SPLIT_T=split, INPUT_PRECISION=precision, **_launch_options(cfg)
+            )
 
     if split:
         return part.sum(dim=1).square().sum(dim=(1, 2))
@@ -848,10 +859,13 @@ def outer_sq_norms_gram(
         part.stride(0),
     )
     precision = _input_precision(left.dtype, allow_tf32)
-    if tuned:
-        _tuned_kernel("ghost")[grid](*args, INPUT_PRECISION=precision)
-    else:
-        _outer_sq_norm_gram_kernel[grid](*args, INPUT_PRECISION=precision, **_launch_options(cfg))
+    with _on_device(left.device):
+        if tuned:
+            _tuned_kernel("ghost")[grid](*args, INPUT_PRECISION=precision)
+        else:
+            _outer_sq_norm_gram_kernel[grid](
+                *args, INPUT_PRECISION=precision, **_launch_options(cfg)
+            )
     return part.sum(dim=1)
 
 
@@ -991,8 +1005,11 @@ def outer_grad_sq_norms(
         *part.stride(),
     )
     precision = _input_precision(left.dtype, allow_tf32)
-    if tuned:
-        _tuned_kernel("fused")[grid](*args, INPUT_PRECISION=precision)
-    else:
-        _outer_grad_sq_norm_kernel[grid](*args, INPUT_PRECISION=precision, **_launch_options(cfg))
+    with _on_device(left.device):
+        if tuned:
+            _tuned_kernel("fused")[grid](*args, INPUT_PRECISION=precision)
+        else:
+            _outer_grad_sq_norm_kernel[grid](
+                *args, INPUT_PRECISION=precision, **_launch_options(cfg)
+            )
     return part.sum(dim=1), sq_part.sum(dim=1)

@@ -31,24 +31,40 @@ def loop_grad_sq(left, right, cu, groups):
     return grad, sq
 
 
-def packed(lengths, a, b, seed, dtype=torch.float32):
+def packed(lengths, a, b, seed, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     n = sum(lengths)
-    left = torch.randn(n, a, generator=gen).to(dtype)
-    right = torch.randn(n, b, generator=gen).to(dtype)
+    left = torch.randn(n, a, generator=gen).to(device, dtype)
+    right = torch.randn(n, b, generator=gen).to(device, dtype)
     cu = torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist())
-    return left, right, cu
+    return left, right, cu.to(device)
 
 
 def rel(got, want):
-    got, want = got.double(), want.double()
+    got, want = got.double().cpu(), want.double().cpu()
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
 
 
-# -- the Triton kernel (interpreter on CPU) ------------------------------------------
+# -- the Triton kernel (interpreter on CPU, compiled on CUDA) -------------------------
 
 triton = pytest.importorskip("triton")
 from gradfilter.kernels import lora_norms as K  # noqa: E402
+
+
+@pytest.fixture
+def kdev():
+    """Where the Triton kernels run: CPU tensors when they were loaded for the
+    interpreter (the CPU lane, tests/conftest.py), else CUDA tensors."""
+    return "cpu" if K.interpreted() else "cuda"
+
+
+@pytest.fixture
+def kdev_cuda(kdev):
+    """The compiled kernels on CUDA only (bfloat16 is wrong in the interpreter)."""
+    if kdev != "cuda":
+        pytest.skip("needs the Triton kernels compiled for CUDA, not the interpreter")
+    return kdev
+
 
 KERNEL_CASES = [
     # lengths, groups, a, b
@@ -62,66 +78,86 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("lengths,groups,a,b", KERNEL_CASES)
 @pytest.mark.parametrize("epp", [None, 1, 2])
-def test_kernel_matches_loop_fp32(lengths, groups, a, b, epp):
-    left, right, cu = packed(lengths, a, b, seed=len(lengths) + a)
-    g = torch.tensor(groups)
+def test_kernel_matches_loop_fp32(kdev, lengths, groups, a, b, epp):
+    left, right, cu = packed(lengths, a, b, seed=len(lengths) + a, device=kdev)
+    g = torch.tensor(groups, device=kdev)
     grad, sq = K.outer_grad_sq_norms(left, right, cu.to(torch.int32), g, examples_per_program=epp)
-    want_grad, want_sq = loop_grad_sq(left, right, cu, groups)
+    want_grad, want_sq = loop_grad_sq(left.cpu(), right.cpu(), cu.cpu(), groups)
     assert grad.shape == want_grad.shape and sq.shape == want_sq.shape
     assert grad.dtype == sq.dtype == torch.float32
+    assert grad.device.type == sq.device.type == kdev
     assert rel(grad, want_grad) < 1e-5
-    assert torch.allclose(sq.double(), want_sq, rtol=1e-5, atol=1e-6)
-    assert bool((sq[torch.tensor(lengths) == 0] == 0).all())
+    assert torch.allclose(sq.double().cpu(), want_sq, rtol=1e-5, atol=1e-6)
+    assert bool((sq.cpu()[torch.tensor(lengths) == 0] == 0).all())
 
 
-def test_kernel_fp16_accumulates_in_fp32():
-    left, right, cu = packed([20, 3, 41], 8, 48, seed=3, dtype=torch.float16)
-    grad, sq = K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 1, 3]))
-    want_grad, want_sq = loop_grad_sq(left.float(), right.float(), cu, [0, 1, 3])
+def test_kernel_fp16_accumulates_in_fp32(kdev):
+    left, right, cu = packed([20, 3, 41], 8, 48, seed=3, dtype=torch.float16, device=kdev)
+    grad, sq = K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 1, 3], device=kdev))
+    want_grad, want_sq = loop_grad_sq(left.cpu().float(), right.cpu().float(), cu.cpu(), [0, 1, 3])
     assert rel(grad, want_grad) < 1e-5
     assert rel(sq, want_sq) < 1e-5
 
 
-def test_kernel_is_deterministic_and_agrees_with_norm_only_kernel():
-    left, right, cu = packed([30, 12, 0, 50], 8, 40, seed=4)
-    g = torch.tensor([0, 4])
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths,groups,a,b", KERNEL_CASES[:3])
+def test_kernel_bf16_accumulates_in_fp32(kdev_cuda, lengths, groups, a, b):
+    left, right, cu = packed(lengths, a, b, seed=30 + a, dtype=torch.bfloat16, device=kdev_cuda)
+    g = torch.tensor(groups, device=kdev_cuda)
+    grad, sq = K.outer_grad_sq_norms(left, right, cu, g)
+    # bfloat16 rounding is in the inputs only: their products are exact in fp32, so
+    # the error is fp32 summation, far below bfloat16's 4e-3.
+    want_grad, want_sq = loop_grad_sq(left.cpu(), right.cpu(), cu.cpu(), groups)
+    assert grad.dtype == sq.dtype == torch.float32
+    assert rel(grad, want_grad) < 1e-4
+    assert rel(sq, want_sq) < 1e-4
+
+
+def test_kernel_is_deterministic_and_agrees_with_norm_only_kernel(kdev):
+    left, right, cu = packed([30, 12, 0, 50], 8, 40, seed=4, device=kdev)
+    g = torch.tensor([0, 4], device=kdev)
     one = K.outer_grad_sq_norms(left, right, cu, g)
     two = K.outer_grad_sq_norms(left, right, cu, g)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     assert torch.allclose(one[1], K.outer_sq_norms(left, right, cu, "direct"), rtol=1e-6)
 
 
-def test_kernel_bad_inputs():
-    left, right, cu = packed([3, 4], 4, 5, seed=5)
+def test_kernel_bad_inputs(kdev):
+    left, right, cu = packed([3, 4], 4, 5, seed=5, device=kdev)
+
+    def groups(*vals):
+        return torch.tensor(vals, device=kdev)
+
     with pytest.raises(ValueError, match="run from 0"):
-        K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 1]))
+        K.outer_grad_sq_norms(left, right, cu, groups(0, 1))
     with pytest.raises(ValueError, match="non-decreasing"):
-        K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 2, 1, 2]))
+        K.outer_grad_sq_norms(left, right, cu, groups(0, 2, 1, 2))
     with pytest.raises(TypeError, match="int32 or int64"):
-        K.outer_grad_sq_norms(left, right, cu, torch.tensor([0.0, 2.0]))
+        K.outer_grad_sq_norms(left, right, cu, groups(0.0, 2.0))
     with pytest.raises(ValueError, match="examples_per_program"):
-        K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 2]), examples_per_program=0)
+        K.outer_grad_sq_norms(left, right, cu, groups(0, 2), examples_per_program=0)
 
 
-def test_kernel_empty():
-    left, right, cu = packed([0, 0], 4, 5, seed=6)
-    grad, sq = K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 1, 2]))
+def test_kernel_empty(kdev):
+    left, right, cu = packed([0, 0], 4, 5, seed=6, device=kdev)
+    grad, sq = K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 1, 2], device=kdev))
     assert grad.shape == (2, 4, 5) and bool((grad == 0).all()) and bool((sq == 0).all())
 
 
 # -- the reference twin and the backend seam ------------------------------------------
 
 
-def padded(groups, n, seq, a, b, seed, dtype=torch.float64):
+def padded(groups, n, seq, a, b, seed, dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    left = torch.randn(groups, n, seq, a, generator=gen, dtype=dtype)
-    right = torch.randn(groups, n, seq, b, generator=gen, dtype=dtype)
+    left = torch.randn(groups, n, seq, a, generator=gen, dtype=torch.float64)
+    right = torch.randn(groups, n, seq, b, generator=gen, dtype=torch.float64)
     lengths = torch.randint(0, seq + 1, (groups, n), generator=gen)
     valid = torch.arange(seq) < lengths.unsqueeze(-1)
-    return left, right, valid
+    return left.to(device, dtype), right.to(device, dtype), valid.to(device)
 
 
 def padded_oracle(left, right, valid):
+    left, right, valid = left.cpu(), right.cpu(), valid.cpu()
     lz = left * valid.unsqueeze(-1)
     tiles = torch.einsum("gnta,gntb->gnab", lz, right)
     return tiles.sum(1), tiles.square().sum((2, 3))
@@ -148,12 +184,13 @@ def _cpp_or_skip():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
-def test_seam_each_backend(monkeypatch, backend):
+def test_seam_each_backend(monkeypatch, kdev, backend):
     if backend == "cpp":
         _cpp_or_skip()
     monkeypatch.setenv("GRADFILTER_BACKEND", backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
-    left, right, valid = padded(2, 4, 11, 8, 20, seed=8, dtype=dtype)
+    device = kdev if backend == "triton" else "cpu"
+    left, right, valid = padded(2, 4, 11, 8, 20, seed=8, dtype=dtype, device=device)
     want_grad, want_sq = padded_oracle(left.double(), right.double(), valid)
     grad, sq = ops.grad_and_sq_norms(left, right, valid)
     assert grad.shape == (2, 8, 20) and sq.shape == (2, 4)
@@ -162,6 +199,17 @@ def test_seam_each_backend(monkeypatch, backend):
     all_grad, all_sq = ops.grad_and_sq_norms(left, right)  # no mask: every row counts
     want_all = padded_oracle(left.double(), right.double(), torch.ones_like(valid))
     assert rel(all_grad, want_all[0]) < tol and rel(all_sq, want_all[1]) < tol
+
+
+@pytest.mark.gpu
+def test_seam_triton_bf16(monkeypatch, kdev_cuda):
+    """bfloat16 factors through the seam: float32 results from the rounded inputs."""
+    monkeypatch.setenv("GRADFILTER_BACKEND", "triton")
+    left, right, valid = padded(3, 4, 64, 8, 96, seed=14, dtype=torch.bfloat16, device=kdev_cuda)
+    grad, sq = ops.grad_and_sq_norms(left, right, valid)
+    assert grad.dtype == sq.dtype == torch.float32 and sq.device.type == "cuda"
+    want_grad, want_sq = padded_oracle(left.double(), right.double(), valid)
+    assert rel(grad, want_grad) < 1e-4 and rel(sq, want_sq) < 1e-4
 
 
 @pytest.mark.parametrize("lengths,groups,a,b", KERNEL_CASES)
@@ -453,18 +501,19 @@ def test_rows_without_response_get_nan():
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
-def test_recorded_norms_with_kernel_backends(monkeypatch, backend):
-    """The same step through the fused Triton kernel (interpreter on CPU) or the
-    C++ op, float32."""
+def test_recorded_norms_with_kernel_backends(monkeypatch, kdev, backend):
+    """The same step through the fused Triton kernel (interpreter on CPU, compiled
+    on CUDA) or the C++ op, float32."""
     if backend == "cpp":
         _cpp_or_skip()
+    device = kdev if backend == "triton" else "cpu"
     torch.manual_seed(0)
-    base = tiny_llama(vocab_size=96)
+    base = tiny_llama(vocab_size=96).to(device)
     ens = LoRAEnsemble(base, members=2, r=4, alpha=8, dropout=0.0, seed=2)
     with torch.no_grad():
         for ad in ens.adapters.values():
             ad.lora_B.weight.normal_(std=0.05)
-    batches = member_batches(2, 2, seed=5)
+    batches = [tuple(t.to(device) for t in batch) for batch in member_batches(2, 2, seed=5)]
     monkeypatch.setenv("GRADFILTER_BACKEND", "reference")
     want = (
         torch.stack(

@@ -136,6 +136,7 @@ def test_fp16_matches_reference_on_rounded_inputs(route, case):
     assert rel_err(got, want) < 1e-3
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="bfloat16 is wrong in the Triton interpreter")
 @pytest.mark.parametrize("route", ROUTES)
 def test_bf16_on_gpu(route):
@@ -144,6 +145,28 @@ def test_bf16_on_gpu(route):
     left, right = rows(sum(lengths), a, 5, torch.bfloat16), rows(sum(lengths), b, 6, torch.bfloat16)
     want = outer_sq_norms_packed_ref(left, right, cu)
     assert rel_err(launch(route, left, right, cu), want) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("route", ROUTES)
+def test_launch_on_the_tensors_own_device(route):
+    """Tensors on cuda:1 while cuda:0 is current: the launch follows the tensors."""
+    lengths, a, b, _, _ = CASES["ragged_with_0_and_1"]
+    left, right = rows(sum(lengths), a, 21), rows(sum(lengths), b, 22)
+    cu = cu_from(lengths)
+    want = launch(route, left, right, cu)
+    with torch.cuda.device(0):
+        got = launch(route, left.to("cuda:1"), right.to("cuda:1"), cu.to("cuda:1"))
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=0)
+    got = K.outer_grad_sq_norms(
+        left.to("cuda:1"),
+        right.to("cuda:1"),
+        cu.to("cuda:1"),
+        torch.tensor([0, 6], device="cuda:1"),
+    )[1]
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=0)
 
 
 def test_routes_agree_with_each_other():
@@ -311,19 +334,21 @@ def test_interpreter_variable_unset_after_import(monkeypatch):
 
 def test_public_api_with_each_backend_forced():
     """per_example_grad_norms through GRADFILTER_BACKEND=triton equals the reference
-    (a subprocess, so the interpreter is set before the kernels are defined)."""
+    (a subprocess: on the CPU the interpreter is set before the kernels are
+    defined; on a GPU the model is on CUDA and the kernels are compiled)."""
     import subprocess
     import sys
 
     code = """
-import os, torch
+import os, sys, torch
 from peft import LoraConfig, get_peft_model
 from gradfilter import per_example_grad_norms
 from gradfilter.norms import ops
 from gradfilter.io.models import tiny_llama
+device, tol = sys.argv[1], float(sys.argv[2])
 model = get_peft_model(
     tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-)
+).to(device)
 with torch.no_grad():
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -331,18 +356,28 @@ with torch.no_grad():
 ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0))
 mask = torch.ones_like(ids); mask[1, 6:] = 0; mask[2, :4] = 0
 labels = torch.where(mask.bool(), ids, -100)
+ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
 out = {}
 for b in ("reference", "triton"):
     os.environ["GRADFILTER_BACKEND"] = b
-    assert ops.backend() == b
+    assert ops.backend(device) == b
     out[b] = per_example_grad_norms(model, ids, labels, mask)
 rel = ((out["triton"] - out["reference"]).abs() / out["reference"]).max().item()
-assert rel < 1e-5, (rel, out)
+assert rel < tol, (rel, out)
 print("max rel", rel)
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    tol = "1e-5" if DEVICE == "cpu" else "1e-4"  # CUDA: two runs of the model, other sum orders
     r = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, DEVICE, tol],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "max rel" in r.stdout
