@@ -38,6 +38,11 @@ def seed_runs(root: str) -> list[str]:
     return found or [root]
 
 
+def kinds_of(run: str) -> list[str | None]:
+    with open(os.path.join(run, "labels.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line).get("kind") for line in f]
+
+
 def load(run: str) -> tuple[dict, np.ndarray, int]:
     norms = read_norms(os.path.join(run, "gsnr"))
     with open(os.path.join(run, "labels.jsonl"), encoding="utf-8") as f:
@@ -55,10 +60,28 @@ def early_epoch(min_steps: int, steps_per_epoch: int, warmup: int = 0) -> int:
     return e
 
 
+#: Parts scored by the same rule, for comparison (higher = keep).
+PARTS = {
+    "low late norm": lambda es, ls: -ls.mean(1),
+    "low early norm": lambda es, ls: -es.mean(1),
+    "low late CV": lambda es, ls: -ls.std(1) / ls.mean(1),
+}
+
+
+def _per_kind(full: np.ndarray, corrupted: np.ndarray, kinds: list[str | None]) -> dict:
+    """AUROC of clean rows against each corruption kind alone."""
+    out = {}
+    for k in sorted({x for x in kinds if x}):
+        sel = np.array([x == k for x in kinds]) | ~corrupted
+        out[k] = auroc(full[sel], corrupted[sel])
+    return out
+
+
 def candidates(runs: list[str]) -> dict:
     out: dict = {}
     for run in runs:
         norms, corrupted, spe = load(run)
+        kinds = kinds_of(run)
         epochs = norms["epoch"].tolist()
         ok = norms["scored"]
         for s in STEPS:
@@ -67,10 +90,11 @@ def candidates(runs: list[str]) -> dict:
                 continue
             es = norms["sq"][ok][:, :, epochs.index(e)]
             ls = norms["sq"][ok][:, :, epochs.index(e + 1)]
-            for f in FORMULAS:
-                comp = gsnr_components(es, ls, GSNRConfig(formula=f))
+            scores = {f: gsnr_components(es, ls, GSNRConfig(formula=f))["gsnr"] for f in FORMULAS}
+            scores.update({name: fn(es, ls) for name, fn in PARTS.items()})
+            for f, values in scores.items():
                 full = np.full(len(corrupted), np.nan)
-                full[ok] = comp["gsnr"]
+                full[ok] = values
                 key = f"{f}@S={s}"
                 rec = out.setdefault(key, {"formula": f, "S": s, "runs": []})
                 rec["runs"].append(
@@ -79,6 +103,7 @@ def candidates(runs: list[str]) -> dict:
                         "pool": len(corrupted),
                         "early": e,
                         "auroc": auroc(full, corrupted),
+                        "by_kind": _per_kind(full, corrupted, kinds),
                         "top10": corrupted_share_in_top(full, corrupted, [0.1])[0.1],
                         "base": float(corrupted.mean()),
                     }
@@ -89,6 +114,42 @@ def candidates(runs: list[str]) -> dict:
         rec["auroc_sd"] = float(a.std(ddof=1)) if a.size > 1 else 0.0
         rec["n"] = int(a.size)
         rec["top10_vs_base_mean"] = float(np.mean([r["top10"] / r["base"] for r in rec["runs"]]))
+        kinds = sorted({k for r in rec["runs"] for k in r["by_kind"]})
+        rec["by_kind_mean"] = {
+            k: float(np.mean([r["by_kind"][k] for r in rec["runs"] if k in r["by_kind"]]))
+            for k in kinds
+        }
+    return out
+
+
+def growth(runs: list[str]) -> dict:
+    """Per epoch: the median over rows of the members' mean squared norm divided by
+    the row's own epoch-1 value (so row length and content cancel), clean and
+    corrupted, and the median share of the lora_A factor in the squared norm."""
+    out: dict = {}
+    for run in runs:
+        norms, corrupted, spe = load(run)
+        ok = norms["scored"]
+        sq = norms["sq"][ok]
+        cor = corrupted[ok]
+        mean = sq.mean(1)  # [rows, checkpoints]
+        ratio = mean / mean[:, :1]
+        share = np.nanmedian(
+            (norms["sq_a"][ok] / sq).reshape(len(ok), -1, sq.shape[2]), axis=(0, 1)
+        )
+        rows = []
+        for c, e in enumerate(norms["epoch"].tolist()):
+            rows.append(
+                {
+                    "epoch": e,
+                    "steps": f"{(e - 1) * spe}-{e * spe}",
+                    "clean": float(np.nanmedian(ratio[~cor, c])),
+                    "corrupted": float(np.nanmedian(ratio[cor, c])),
+                    "clean_q": [float(x) for x in np.nanquantile(ratio[~cor, c], [0.25, 0.75])],
+                    "a_share": float(share[c]),
+                }
+            )
+        out[run] = {"pool": len(corrupted), "steps_per_epoch": spe, "epochs": rows}
     return out
 
 
@@ -199,6 +260,20 @@ def main(argv: list[str] | None = None) -> int:
             f"| {c['formula']} | {c['S']} | {c['auroc_mean']:.3f} ± {c['auroc_sd']:.3f} | "
             f"{c['n']} | {c['top10_vs_base_mean']:.2f} | {per} |"
         )
+    kinds = sorted({k for c in cand.values() for k in c["by_kind_mean"]})
+    lines += [
+        "",
+        "AUROC of clean rows against each corruption kind alone (mean over runs):",
+        "",
+        "| candidate | " + " | ".join(kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+    ]
+    for key in sorted(cand, key=lambda k: -cand[k]["auroc_mean"]):
+        lines.append(
+            f"| {key} | "
+            + " | ".join(f"{cand[key]['by_kind_mean'].get(k, float('nan')):.2f}" for k in kinds)
+            + " |"
+        )
     with open(os.path.join(args.output, "candidates.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -216,7 +291,32 @@ def main(argv: list[str] | None = None) -> int:
         )
     with open(os.path.join(args.output, "regime.json"), "w", encoding="utf-8") as f:
         json.dump(regimes, f, indent=2)
-    md = []
+    grow = growth(runs)
+    with open(os.path.join(args.output, "growth.json"), "w", encoding="utf-8") as f:
+        json.dump(grow, f, indent=2)
+    md = [
+        "Growth of each row's squared norm (members' mean) relative to its own epoch-1 value, "
+        "median over rows [quartiles for clean rows], and the median share of lora_A:",
+        "",
+    ]
+    for run, g in grow.items():
+        md += [
+            f"#### {run} ({g['pool']} rows, {g['steps_per_epoch']} steps per epoch)",
+            "",
+            "| epoch | steps | clean | corrupted | lora_A share |",
+            "|---|---|---|---|---|",
+        ]
+        for r in g["epochs"]:
+            md.append(
+                f"| {r['epoch']} | {r['steps']} | {r['clean']:.2f} [{r['clean_q'][0]:.2f}, "
+                f"{r['clean_q'][1]:.2f}] | {r['corrupted']:.2f} | {r['a_share']:.3f} |"
+            )
+        md.append("")
+    md += [
+        "Quartiles of the squared norm by the optimizer step of the visit (rows of similar "
+        "length train together, so neighbouring bins differ in length as well as in time):",
+        "",
+    ]
     for pool, reg in regimes.items():
         md += [
             f"### {pool} rows",
