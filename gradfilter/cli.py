@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from gradfilter.method.gsnr import FORMULAS
@@ -24,116 +23,6 @@ from gradfilter.run.config import ScoreConfig
 D = ScoreConfig()
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
-
-
-def _load_lora_proxy(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from gradfilter.io.models import load_proxy
-
-    torch.manual_seed(args.seed)
-    base, tok = load_proxy(args.proxy)
-    cfg = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=0.0,
-        target_modules=[t for t in args.targets.split(",") if t],
-    )
-    model = get_peft_model(base, cfg)
-    if args.init_b:
-        # A freshly initialised LoRA has B = 0, so A receives no gradient; a
-        # small random B shows both halves of the adapter (as after training).
-        gen = torch.Generator().manual_seed(args.seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * args.init_b)
-    return model.eval(), tok
-
-
-def _norms(args: argparse.Namespace) -> int:
-    import torch
-
-    from gradfilter import per_example_grad_norms
-    from gradfilter.io.data import pad_batch
-
-    t0 = time.perf_counter()
-    model, tok = _load_lora_proxy(args)
-    load_s = time.perf_counter() - t0
-    from importlib import resources
-
-    from gradfilter.io.data import encode_row
-    from gradfilter.io.rows import load_rows
-
-    data = args.data or str(resources.files("gradfilter").joinpath("resources/demo.jsonl"))
-    all_rows, _ = load_rows(data)
-    if args.rows:
-        all_rows = all_rows[: args.rows]
-    rows = [r for r in all_rows if r.status == "ok"]
-    for r in all_rows:
-        if r.status != "ok":
-            print(f"row {r.index}: skipped ({r.status})", file=sys.stderr)
-    encoded = [encode_row(r, tok, args.max_length) for r in rows]
-    norms: list[float] = []
-    tokens = 0
-    t0 = time.perf_counter()
-    for start in range(0, len(encoded), args.batch_size):
-        chunk = encoded[start : start + args.batch_size]
-        ids, labels, mask = pad_batch(chunk, tok.pad_token_id)
-        tokens += int(mask.sum())
-        norms += per_example_grad_norms(model, ids, labels, mask).tolist()
-        print(f"\rscored {len(norms)}/{len(encoded)} rows", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    score_s = time.perf_counter() - t0
-
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"proxy: {args.proxy or 'SmolLM2-135M-Instruct (offline GGUF)'}; LoRA r={args.rank} "
-        f"alpha={args.alpha} on {args.targets} ({n_lora:,} trainable parameters)"
-    )
-    print(
-        f"loaded in {load_s:.1f} s; {len(rows)} rows, {tokens} tokens scored in {score_s:.2f} s "
-        f"({tokens / max(score_s, 1e-9):.0f} tokens/s, one forward + one backward per batch)"
-    )
-    order = sorted(range(len(rows)), key=lambda i: (-_key(norms[i]), i))
-    print("\nper-example LoRA gradient norm (response loss), largest first:")
-    for rank, i in enumerate(order, 1):
-        r = rows[i]
-        text = (
-            f"{r.instruction} -> {r.output}"
-            if r.kind == "alpaca"
-            else " | ".join(m.get("content", "") for m in r.messages or [])
-        ).replace("\n", " ")
-        print(f"{rank:3d}. {norms[i]:9.4f}  row {r.index:3d}  {text[:90]}")
-
-    if args.check:
-        from gradfilter.norms.oracles import loop_per_example_grad_norms
-
-        k = min(args.check, len(encoded))
-        ids, labels, mask = pad_batch(encoded[:k], tok.pad_token_id)
-        want = loop_per_example_grad_norms(model, ids, labels, mask)
-        got = torch.tensor(norms[:k], dtype=torch.float64)
-        rel = ((got - want.double()).abs() / want.double().abs()).nan_to_num(0.0).max().item()
-        print(
-            f"\ncheck against the per-example autograd loop on {k} rows: "
-            f"max relative difference {rel:.2e}"
-        )
-        if rel > 1e-3:
-            return 1
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            for r, n in zip(rows, norms, strict=False):
-                f.write(json.dumps({"index": r.index, "id": r.id, "grad_norm": _num(n)}) + "\n")
-    return 0
-
-
-def _num(x: float) -> float | None:
-    return None if x != x else x
-
-
-def _key(x: float) -> float:
-    return float("-inf") if x != x else x
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -290,8 +179,8 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_score_parser(sub: Any) -> None:
-    p = sub.add_parser("score", help="G-SNR scores of every row of an instruction dataset")
+def _add_score_input_args(p: argparse.ArgumentParser) -> None:
+    """Score arguments: the data, the output folder, the proxy and the method."""
     p.add_argument(
         "data",
         nargs="?",
@@ -319,6 +208,10 @@ def _add_score_parser(sub: Any) -> None:
         default="float32",
         help="proxy weights (bfloat16: faster, norms to ~1e-2)",
     )
+
+
+def _add_score_adapter_args(p: argparse.ArgumentParser) -> None:
+    """Score arguments: the LoRA ensemble (members, adapter shape, layers)."""
     p.add_argument("--members", type=int, default=D.members)
     p.add_argument("--rank", type=int, default=D.rank)
     p.add_argument("--alpha", type=float, default=D.alpha)
@@ -341,6 +234,10 @@ def _add_score_parser(sub: Any) -> None:
         help="with --lora-layers-from K > 0, run the frozen layers below K once per "
         "row and reuse their output across members, epochs and snapshots",
     )
+
+
+def _add_score_snapshot_args(p: argparse.ArgumentParser) -> None:
+    """Score arguments: epochs, the snapshots whose norms are kept, and the formula."""
     p.add_argument("--epochs", type=int, default=D.epochs)
     p.add_argument("--early", type=int, default=D.early, help="early snapshot after this epoch")
     p.add_argument("--late", type=int, default=D.late, help="late snapshot after this epoch")
@@ -372,6 +269,10 @@ def _add_score_parser(sub: Any) -> None:
         "inflight: norms recorded by the training steps of those epochs (no "
         "extra pass; dropout active, parameters moving within the epoch)",
     )
+
+
+def _add_score_training_args(p: argparse.ArgumentParser) -> None:
+    """Score arguments: optimisation, batching, tokenisation, seed, template and loss reduction."""
     p.add_argument("--lr", type=float, default=D.lr)
     p.add_argument("--batch-size", type=int, default=D.batch_size, help="rows per member per step")
     p.add_argument(
@@ -390,6 +291,10 @@ def _add_score_parser(sub: Any) -> None:
         help="prompt template with {instruction} and {input} (Alpaca rows)",
     )
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean")
+
+
+def _add_score_gsnr_args(p: argparse.ArgumentParser) -> None:
+    """Score arguments: the definition of the G-SNR parts."""
     p.add_argument(
         "--drop", choices=["normalized", "log_ratio", "unnormalized"], default="normalized"
     )
@@ -397,6 +302,10 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--of", choices=["squared", "norm"], default="squared")
     p.add_argument("--ddof", type=int, choices=[0, 1], default=D.ddof)
     p.add_argument("--eps", type=float, default=D.eps)
+
+
+def _add_score_run_args(p: argparse.ArgumentParser) -> None:
+    """Score arguments: field mapping, dry run, progress, resumption and output."""
     p.add_argument(
         "--field",
         action="append",
@@ -417,8 +326,22 @@ def _add_score_parser(sub: Any) -> None:
         help="save the resumable state at most this often (default 60)",
     )
     p.add_argument("--show", type=int, default=5, help="print the top and bottom N rows")
+
+
+def _add_score_parser(sub: Any) -> None:
+    """Add the ``score`` subcommand to ``sub``."""
+    p = sub.add_parser("score", help="G-SNR scores of every row of an instruction dataset")
+    _add_score_input_args(p)
+    _add_score_adapter_args(p)
+    _add_score_snapshot_args(p)
+    _add_score_training_args(p)
+    _add_score_gsnr_args(p)
+    _add_score_run_args(p)
     p.set_defaults(func=_score)
 
+
+def _add_rescore_parser(sub: Any) -> None:
+    """Add the ``rescore`` subcommand to ``sub``."""
     p = sub.add_parser(
         "rescore",
         help="recompute scores and ranks of a finished run from "
@@ -438,6 +361,9 @@ def _add_score_parser(sub: Any) -> None:
     p.add_argument("--no-plots", action="store_true", help="write scores and run.json only")
     p.set_defaults(func=_rescore)
 
+
+def _add_select_parser(sub: Any) -> None:
+    """Add the ``select`` subcommand to ``sub``."""
     p = sub.add_parser("select", help="write the top rows of a scored run")
     p.add_argument("outdir")
     p.add_argument("--ratio", type=float, default=None, help="keep floor(ratio x input rows)")
@@ -447,148 +373,20 @@ def _add_score_parser(sub: Any) -> None:
     p.set_defaults(func=_select)
 
 
-def _quality(args: argparse.Namespace) -> int:
-    from gradfilter.bench.quality_bench import QualityConfig, run_seeds
-    from gradfilter.run.score import ScoreConfig
-
-    qcfg = QualityConfig(
-        data=args.data,
-        foreign=args.foreign,
-        pool=args.pool,
-        heldout=args.heldout,
-        fraction=args.fraction,
-        seed=args.seed,
-        methods=[m for m in args.methods.split(",") if m],
-        select_ratio=args.select_ratio,
-        train_steps=args.train_steps,
-        train_batch=args.train_batch,
-        eval_every=args.eval_every,
-        max_length=args.max_length,
-    )
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
-    scfg = ScoreConfig(
-        proxy=args.proxy,
-        dtype=args.dtype,
-        members=args.members,
-        rank=args.rank,
-        epochs=args.epochs,
-        early=args.early,
-        late=args.late,
-        snapshots=_snapshots(args.snapshots, args.epochs),
-        warmup_steps=args.warmup_steps,
-        formula=args.formula,
-        norms=args.norms,
-        lr=args.lr,
-        lora_layers_from=args.lora_layers_from,
-        prefix_cache=args.prefix_cache,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        token_budget=args.token_budget or None,
-    )
-    try:
-        scfg.validate()
-        run_seeds(
-            qcfg,
-            scfg,
-            args.output,
-            seeds,
-            downstream=not args.no_downstream,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(open(os.path.join(args.output, "aggregate.md"), encoding="utf-8").read())
-    print(f"seeds {seeds}; wrote {args.output}")
-    return 0
-
-
-def _add_quality_parser(sub: Any) -> None:
-    from gradfilter.bench.quality_bench import QualityConfig
-
-    Q = QualityConfig(data="")
-    p = sub.add_parser("quality-bench", help="offline selection-quality benchmark")
-    p.add_argument("--data", required=True, help="Alpaca-style JSON list to sample the pool from")
-    p.add_argument("--foreign", default=None, help="JSON list whose responses serve as 'foreign'")
-    p.add_argument("-o", "--output", default="runs/quality")
-    p.add_argument("--pool", type=int, default=Q.pool)
-    p.add_argument("--heldout", type=int, default=Q.heldout)
-    p.add_argument("--fraction", type=float, default=Q.fraction, help="share of the pool corrupted")
-    p.add_argument("--methods", default="gsnr,drop,late_var,grand,loss,ifd,ifd_ppl,random")
-    p.add_argument("--select-ratio", type=float, default=Q.select_ratio)
-    p.add_argument("--train-steps", type=int, default=Q.train_steps)
-    p.add_argument("--train-batch", type=int, default=Q.train_batch)
-    p.add_argument("--eval-every", type=int, default=Q.eval_every)
-    p.add_argument("--no-downstream", action="store_true")
-    p.add_argument("--proxy", default=None)
-    p.add_argument("--dtype", default=D.dtype, choices=["float32", "bfloat16"])
-    p.add_argument("--members", type=int, default=D.members)
-    p.add_argument("--rank", type=int, default=D.rank)
-    p.add_argument("--epochs", type=int, default=D.epochs)
-    p.add_argument("--early", type=int, default=D.early)
-    p.add_argument("--late", type=int, default=D.late)
-    p.add_argument("--snapshots", default=None, help="as for score (e.g. all)")
-    p.add_argument("--warmup-steps", type=int, default=D.warmup_steps)
-    p.add_argument("--formula", choices=list(FORMULAS), default=D.formula)
-    p.add_argument("--norms", choices=["snapshot", "inflight"], default=D.norms)
-    p.add_argument("--lr", type=float, default=D.lr)
-    p.add_argument("--lora-layers-from", type=int, default=D.lora_layers_from)
-    p.add_argument("--prefix-cache", action="store_true")
-    p.add_argument("--batch-size", type=int, default=D.batch_size)
-    p.add_argument("--max-length", type=int, default=Q.max_length)
-    p.add_argument("--token-budget", type=int, default=D.token_budget)
-    p.add_argument("--seed", type=int, default=D.seed)
-    p.add_argument(
-        "--seeds",
-        default=None,
-        help="comma-separated seeds, one run each (OUTDIR/seed-<s>) and an aggregate",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_quality)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from gradfilter.bench import cli as bench_cli
+    from gradfilter.norms import cli as norms_cli
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(
         prog="gradfilter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score_parser(sub)
-    _add_quality_parser(sub)
-    for name, helptext in (
-        ("demo", "per-example LoRA gradient norms of the shipped demo set on the offline proxy"),
-        ("norms", "per-example LoRA gradient norms of an Alpaca JSON/JSONL file"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        if name == "norms":
-            p.add_argument("data", help="Alpaca-style JSON list or JSONL file")
-            p.add_argument("-o", "--output", help="write {index, grad_norm} JSONL here")
-        p.add_argument(
-            "--proxy",
-            default=None,
-            help="hub id, local model folder or .gguf file (default: offline SmolLM2-135M)",
-        )
-        p.add_argument("--rank", type=int, default=D.rank)
-        p.add_argument("--alpha", type=float, default=D.alpha)
-        p.add_argument("--targets", default=DEFAULT_TARGETS)
-        p.add_argument("--rows", type=int, default=0, help="score only the first N rows")
-        p.add_argument("--batch-size", type=int, default=D.batch_size)
-        p.add_argument("--max-length", type=int, default=256)
-        p.add_argument("--seed", type=int, default=D.seed)
-        p.add_argument(
-            "--init-b",
-            type=float,
-            default=0.02,
-            help="std of a random LoRA B init (0 keeps peft's zeros)",
-        )
-        p.add_argument(
-            "--check",
-            type=int,
-            default=4 if name == "demo" else 0,
-            help="verify the first N rows against the per-example autograd loop",
-        )
-        p.set_defaults(data=None, output=None, func=_norms)
+    _add_rescore_parser(sub)
+    _add_select_parser(sub)
+    bench_cli.add_parser(sub)
+    norms_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

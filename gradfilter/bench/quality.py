@@ -51,29 +51,34 @@ Uncorrupted rows are deep copies of the input rows with label
 
 Scores and metrics
 ------------------
-A selector assigns each row a *score*, higher = more worth keeping; NaN means
-unscored and ranks below every number (``-inf`` included).  Clean rows are
-the positive class.
-
-* :func:`auroc` is the probability that a random clean row outscores a random
-  corrupted row, ties counting 1/2, i.e. the Mann-Whitney
-  ``U / (n_clean * n_corrupted)`` with midranks (NaN scores tie one another).
-* :func:`corrupted_share_in_top` is, for each fraction ``f``, the share of
-  corrupted rows among the ``floor(f * N)`` best-scored rows (ties broken by
-  input position, NaN last); NaN when that set is empty.
+The separation metrics of selector scores against these labels (AUROC, the
+corrupted share of the top-scored rows, and their summary table) are defined
+and implemented in :mod:`gradfilter.bench.metrics`; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
+
+from gradfilter.bench.metrics import auroc, corrupted_share_in_top, markdown_table, summary
+
+__all__ = [
+    "ALL_KINDS",
+    "Label",
+    "auroc",
+    "content_words",
+    "corrupt",
+    "corrupted_mask",
+    "corrupted_share_in_top",
+    "markdown_table",
+    "summary",
+]
 
 ALL_KINDS: tuple[str, ...] = (
     "swap",
@@ -226,6 +231,155 @@ def _kind_counts(n_corrupt: int, kinds: Sequence[str]) -> dict[str, int]:
     return {kind: base + (1 if r < extra else 0) for r, kind in enumerate(kinds)}
 
 
+def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple (a single kind may be a string), validated."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds:
+        raise ValueError("kinds is empty")
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown:
+        raise ValueError(f"unknown corruption kind(s) {unknown}; known: {list(ALL_KINDS)}")
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds contains repeats: {list(kinds)}")
+    return kinds
+
+
+class _Pool:
+    """The pool being corrupted, with the random generator and the lookups the kinds use."""
+
+    def __init__(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        rng: random.Random,
+        foreign_rows: Sequence[Mapping[str, Any]] | None,
+    ) -> None:
+        self.rows = rows
+        self.rng = rng
+        self.foreign_rows = foreign_rows
+        self.outputs = [row["output"] for row in rows]
+        self.stripped = [o.strip() for o in self.outputs]
+        self.all_idx = list(range(len(rows)))
+        self.f_idx = list(range(len(foreign_rows))) if foreign_rows is not None else []
+        self._instr_words: list[frozenset[str]] | None = None
+
+    @property
+    def instr_words(self) -> list[frozenset[str]]:
+        """Content words of every row's instruction (computed on first use)."""
+        if self._instr_words is None:
+            self._instr_words = [content_words(_text(row, "instruction")) for row in self.rows]
+        return self._instr_words
+
+
+def _swap_source(pool: _Pool, i: int) -> tuple[str, int] | None:
+    """Response and source of a ``"swap"`` of row ``i``: another row's different response."""
+    stripped = pool.stripped
+    j = _pick(
+        pool.rng,
+        pool.all_idx,
+        lambda j: j != i and stripped[j] != "" and stripped[j] != stripped[i],
+    )
+    return None if j is None else (pool.outputs[j], j)
+
+
+def _foreign_source(pool: _Pool, i: int) -> tuple[str, int] | None:
+    """Response and source of a ``"foreign"`` corruption of row ``i``."""
+    stripped = pool.stripped
+    foreign_rows = pool.foreign_rows
+    if foreign_rows is not None:
+        j = _pick(
+            pool.rng,
+            pool.f_idx,
+            lambda j: foreign_rows[j]["output"].strip() not in ("", stripped[i]),
+        )
+        return None if j is None else (foreign_rows[j]["output"], j)
+    instr_words = pool.instr_words
+    mine = instr_words[i]
+    j = _pick(
+        pool.rng,
+        pool.all_idx,
+        lambda j: j != i and stripped[j] not in ("", stripped[i]) and not (mine & instr_words[j]),
+    )
+    return None if j is None else (pool.outputs[j], j)
+
+
+def _new_response(pool: _Pool, kind: str, i: int) -> tuple[str, int] | None:
+    """New response and source for victim ``i``, or None if ``i`` does not fit ``kind``."""
+    if kind == "truncate":
+        text = _truncate(pool.outputs[i], pool.rng)
+        return None if text is None else (text, i)
+    if kind == "shuffle":
+        text = _shuffle(pool.outputs[i], pool.rng)
+        return None if text is None else (text, i)
+    if kind == "swap":
+        return _swap_source(pool, i)
+    return _foreign_source(pool, i)
+
+
+def _corrupt_responses(
+    pool: _Pool,
+    counts: Mapping[str, int],
+    new_rows: list[dict[str, Any]],
+    labels: list[Label],
+    used: set[int],
+) -> None:
+    """Apply the kinds that replace a response, in :data:`_PROCESS_ORDER`, in place."""
+    n = len(pool.rows)
+    for kind in _PROCESS_ORDER:
+        need = counts.get(kind, 0)
+        if need == 0 or kind in ("duplicate", "near_duplicate"):
+            continue
+        got = 0
+        for i in pool.rng.sample(pool.all_idx, n):
+            if got == need:
+                break
+            if i in used:
+                continue
+            made = _new_response(pool, kind, i)
+            if made is None:
+                continue
+            text, source = made
+            new_rows[i]["output"] = text
+            labels[i] = {"corrupted": True, "kind": kind, "source": source}
+            used.add(i)
+            got += 1
+        if got < need:
+            raise ValueError(f"only {got} rows fit corruption kind {kind!r}, {need} needed")
+
+
+def _corrupt_duplicates(
+    pool: _Pool,
+    counts: Mapping[str, int],
+    new_rows: list[dict[str, Any]],
+    labels: list[Label],
+    used: set[int],
+) -> None:
+    """Apply ``"duplicate"`` and ``"near_duplicate"`` to rows still unused, in place."""
+    dup_need = {k: counts.get(k, 0) for k in ("duplicate", "near_duplicate")}
+    if not sum(dup_need.values()):
+        return
+    rng, rows, all_idx = pool.rng, pool.rows, pool.all_idx
+    free = [i for i in rng.sample(all_idx, len(rows)) if i not in used]
+    victims: dict[str, list[int]] = {}
+    for kind in ("duplicate", "near_duplicate"):
+        victims[kind], free = free[: dup_need[kind]], free[dup_need[kind] :]
+        used.update(victims[kind])
+    clean = [i for i in all_idx if i not in used]
+    triples = [_triple(row) for row in rows]
+    for kind in ("duplicate", "near_duplicate"):
+        for i in victims[kind]:
+            j = _pick(rng, clean, lambda j, i=i: triples[j] != triples[i])
+            if j is None:
+                raise ValueError(
+                    f"corruption kind {kind!r}: no uncorrupted row differs from row {i} "
+                    "to copy from (lower fraction or use fewer duplicate kinds)"
+                )
+            dup = copy.deepcopy(dict(rows[j]))
+            if kind == "near_duplicate":
+                dup["output"] = _near_edit(dup["output"], rng)
+            new_rows[i] = dup
+            labels[i] = {"corrupted": True, "kind": kind, "source": j}
+
+
 def corrupt(
     rows: Sequence[Mapping[str, Any]],
     fraction: float,
@@ -258,14 +412,7 @@ def corrupt(
         ValueError: bad ``fraction`` or ``kinds``, or too few rows fit a kind.
         TypeError: a row is not a mapping with a string ``"output"``.
     """
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    if not kinds:
-        raise ValueError("kinds is empty")
-    unknown = [k for k in kinds if k not in ALL_KINDS]
-    if unknown:
-        raise ValueError(f"unknown corruption kind(s) {unknown}; known: {list(ALL_KINDS)}")
-    if len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds contains repeats: {list(kinds)}")
+    kinds = _check_kinds(kinds)
     fraction = float(fraction)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
@@ -274,228 +421,11 @@ def corrupt(
         _check_rows(foreign_rows, "foreign_rows")
 
     n = len(rows)
-    n_corrupt = round(fraction * n)
-    counts = _kind_counts(n_corrupt, kinds)
-    rng = random.Random(seed)
-
+    counts = _kind_counts(round(fraction * n), kinds)
+    pool = _Pool(rows, random.Random(seed), foreign_rows)
     new_rows = [copy.deepcopy(dict(row)) for row in rows]
     labels: list[Label] = [{"corrupted": False, "kind": None, "source": None} for _ in range(n)]
     used: set[int] = set()
-    outputs = [row["output"] for row in rows]
-    stripped = [o.strip() for o in outputs]
-    all_idx = list(range(n))
-    instr_words: list[frozenset[str]] | None = None
-    f_idx = list(range(len(foreign_rows))) if foreign_rows is not None else []
-
-    def make(kind: str, i: int) -> tuple[str, int] | None:
-        """New response and source for victim ``i``, or None if ``i`` does not fit ``kind``."""
-        nonlocal instr_words
-        if kind == "truncate":
-            text = _truncate(outputs[i], rng)
-            return None if text is None else (text, i)
-        if kind == "shuffle":
-            text = _shuffle(outputs[i], rng)
-            return None if text is None else (text, i)
-        if kind == "swap":
-            j = _pick(
-                rng, all_idx, lambda j: j != i and stripped[j] != "" and stripped[j] != stripped[i]
-            )
-            return None if j is None else (outputs[j], j)
-        # foreign
-        if foreign_rows is not None:
-            j = _pick(
-                rng,
-                f_idx,
-                lambda j: foreign_rows[j]["output"].strip() not in ("", stripped[i]),
-            )
-            return None if j is None else (foreign_rows[j]["output"], j)
-        if instr_words is None:
-            instr_words = [content_words(_text(row, "instruction")) for row in rows]
-        mine = instr_words[i]
-        j = _pick(
-            rng,
-            all_idx,
-            lambda j: (
-                j != i and stripped[j] not in ("", stripped[i]) and not (mine & instr_words[j])
-            ),
-        )
-        return None if j is None else (outputs[j], j)
-
-    for kind in _PROCESS_ORDER:
-        need = counts.get(kind, 0)
-        if need == 0 or kind in ("duplicate", "near_duplicate"):
-            continue
-        got = 0
-        for i in rng.sample(all_idx, n):
-            if got == need:
-                break
-            if i in used:
-                continue
-            made = make(kind, i)
-            if made is None:
-                continue
-            text, source = made
-            new_rows[i]["output"] = text
-            labels[i] = {"corrupted": True, "kind": kind, "source": source}
-            used.add(i)
-            got += 1
-        if got < need:
-            raise ValueError(f"only {got} rows fit corruption kind {kind!r}, {need} needed")
-
-    dup_need = {k: counts.get(k, 0) for k in ("duplicate", "near_duplicate")}
-    if sum(dup_need.values()):
-        free = [i for i in rng.sample(all_idx, n) if i not in used]
-        victims: dict[str, list[int]] = {}
-        for kind in ("duplicate", "near_duplicate"):
-            victims[kind], free = free[: dup_need[kind]], free[dup_need[kind] :]
-            used.update(victims[kind])
-        clean = [i for i in all_idx if i not in used]
-        triples = [_triple(row) for row in rows]
-        for kind in ("duplicate", "near_duplicate"):
-            for i in victims[kind]:
-                j = _pick(rng, clean, lambda j, i=i: triples[j] != triples[i])
-                if j is None:
-                    raise ValueError(
-                        f"corruption kind {kind!r}: no uncorrupted row differs from row {i} "
-                        "to copy from (lower fraction or use fewer duplicate kinds)"
-                    )
-                dup = copy.deepcopy(dict(rows[j]))
-                if kind == "near_duplicate":
-                    dup["output"] = _near_edit(dup["output"], rng)
-                new_rows[i] = dup
-                labels[i] = {"corrupted": True, "kind": kind, "source": j}
-
+    _corrupt_responses(pool, counts, new_rows, labels, used)
+    _corrupt_duplicates(pool, counts, new_rows, labels, used)
     return new_rows, labels
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _inputs(scores: ArrayLike, corrupted: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64)
-    c = np.asarray(corrupted)
-    if s.ndim != 1 or c.ndim != 1:
-        raise ValueError(f"scores and corrupted must be 1-D, got shapes {s.shape} and {c.shape}")
-    if s.shape != c.shape:
-        raise ValueError(f"scores has {s.shape[0]} entries but corrupted has {c.shape[0]}")
-    if c.dtype != np.bool_:
-        if c.size and not np.isin(c, (0, 1)).all():
-            raise ValueError("corrupted must be boolean (or 0/1)")
-        c = c.astype(bool)
-    return s, c
-
-
-def _midranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``s`` in increasing order, NaN lowest, tied values sharing
-    their mean rank."""
-    nan = np.isnan(s)
-    v = np.where(nan, 0.0, s)
-    order = np.lexsort((v, ~nan))
-    sv, sn = v[order], nan[order]
-    n = s.size
-    starts = np.flatnonzero(np.r_[True, (sv[1:] != sv[:-1]) | (sn[1:] != sn[:-1])])
-    ends = np.r_[starts[1:], n]
-    group_rank = (starts + ends + 1) / 2.0  # mean of the 1-based positions starts+1 .. ends
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks
-
-
-def auroc(scores: ArrayLike, corrupted: ArrayLike) -> float:
-    """AUROC of clean (positive) against corrupted (negative) rows by score.
-
-    ``P(score(clean) > score(corrupted)) + P(tie) / 2`` over all clean/corrupted
-    pairs, computed as the Mann-Whitney U of the clean rows with midranks,
-    divided by ``n_clean * n_corrupted``.  NaN scores rank below every number
-    and tie with one another.
-
-    Raises:
-        ValueError: mismatched or non-1-D inputs, or no clean or no corrupted row.
-    """
-    s, c = _inputs(scores, corrupted)
-    n_neg = int(c.sum())
-    n_pos = int(c.size - n_neg)
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            "auroc needs at least one clean and one corrupted row, "
-            f"got {n_pos} clean and {n_neg} corrupted"
-        )
-    ranks = _midranks(s)
-    u = ranks[~c].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def _top_order(s: np.ndarray) -> np.ndarray:
-    """Row indices by decreasing score, ties by input position, NaN last."""
-    nan = np.isnan(s)
-    neg = np.where(nan, 0.0, -s)
-    return np.lexsort((np.arange(s.size), neg, nan))
-
-
-def corrupted_share_in_top(
-    scores: ArrayLike,
-    corrupted: ArrayLike,
-    fractions: Sequence[float] = (0.05, 0.10, 0.15),
-) -> dict[float, float]:
-    """Share of corrupted rows among the ``floor(f * N)`` best-scored rows, for each ``f``.
-
-    Rows are ordered by decreasing score, ties by input position, NaN scores
-    last; ``floor`` forgives float error below ``1e-9`` (``0.29 * 100`` gives 29).
-    A fraction whose top set is empty maps to NaN.
-
-    Raises:
-        ValueError: mismatched or non-1-D inputs, or a fraction outside ``[0, 1]``.
-    """
-    s, c = _inputs(scores, corrupted)
-    order = _top_order(s)
-    n = s.size
-    out: dict[float, float] = {}
-    for f in fractions:
-        f_val = float(f)
-        if not 0.0 <= f_val <= 1.0:
-            raise ValueError(f"fractions must lie in [0, 1], got {f}")
-        k = min(n, math.floor(f_val * n + 1e-9))
-        out[f] = float(c[order[:k]].mean()) if k > 0 else float("nan")
-    return out
-
-
-_SUMMARY_FRACTIONS: tuple[tuple[str, float], ...] = (
-    ("top5", 0.05),
-    ("top10", 0.10),
-    ("top15", 0.15),
-)
-
-
-def summary(method_scores: Mapping[str, ArrayLike], corrupted: ArrayLike) -> list[dict[str, Any]]:
-    """One dict per method: ``method``, ``auroc`` and ``top5``/``top10``/``top15``
-    (corrupted shares of the top 5/10/15 %, as fractions), by decreasing AUROC
-    (methods with equal AUROC keep their input order)."""
-    rows: list[dict[str, Any]] = []
-    for method, scores in method_scores.items():
-        shares = corrupted_share_in_top(scores, corrupted, [f for _, f in _SUMMARY_FRACTIONS])
-        row: dict[str, Any] = {"method": method, "auroc": auroc(scores, corrupted)}
-        for key, f in _SUMMARY_FRACTIONS:
-            row[key] = shares[f]
-        rows.append(row)
-    return sorted(rows, key=lambda r: -r["auroc"])
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{100.0 * x:.1f}%"
-
-
-def markdown_table(summary_rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table of :func:`summary` rows: AUROC with 3 decimals, shares as
-    percentages with 1 decimal (``n/a`` for NaN), rows in the given order."""
-    lines = [
-        "| method | AUROC | corrupted in top 5% | corrupted in top 10% | corrupted in top 15% |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in summary_rows:
-        a = r["auroc"]
-        a_txt = "n/a" if a is None or math.isnan(a) else f"{a:.3f}"
-        name = str(r["method"]).replace("|", "\\|")
-        lines.append(
-            f"| {name} | {a_txt} | {_pct(r['top5'])} | {_pct(r['top10'])} | {_pct(r['top15'])} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -39,6 +39,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradfilter.bench.aggregate import aggregate, aggregate_markdown, run_seeds
+
+__all__ = [
+    "QualityConfig",
+    "aggregate",
+    "aggregate_markdown",
+    "run",
+    "run_seeds",
+    "trajectory_scores",
+]
+
 
 @dataclasses.dataclass
 class QualityConfig:
@@ -235,28 +246,15 @@ def _downstream(
     }
 
 
-def run(
-    cfg: QualityConfig,
-    score_cfg: Any,
-    outdir: str,
-    *,
-    downstream: bool = True,
-    model_and_tokenizer: tuple[Any, Any] | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run the benchmark; returns (and writes) the results."""
-    from gradfilter.bench.quality import corrupt, corrupted_mask, markdown_table, summary
-    from gradfilter.method.gsnr import select_top
-    from gradfilter.method.registry import METHODS
-    from gradfilter.run.records import RECORD_FIELDS
-    from gradfilter.run.score import score
+def _prepare_pool(
+    cfg: QualityConfig, outdir: str
+) -> tuple[list[dict], list[dict], np.ndarray, str]:
+    """Sample and corrupt the pool; write ``pool.jsonl`` and ``labels.jsonl``.
 
-    say = log or (lambda s: print(s, file=sys.stderr))
-    bad = [m for m in cfg.methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
-    os.makedirs(outdir, exist_ok=True)
+    Returns ``(pool, heldout, corrupted, pool_path)``.
+    """
+    from gradfilter.bench.quality import corrupt, corrupted_mask
+
     with open(cfg.data, encoding="utf-8") as f:
         rows = json.load(f)
     foreign = None
@@ -271,12 +269,23 @@ def run(
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in pool)
     with open(os.path.join(outdir, "labels.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(lab) + "\n" for lab in labels)
+    return pool, heldout, corrupted, pool_path
 
-    if model_and_tokenizer is None:
-        from gradfilter.io.models import load_proxy
 
-        model_and_tokenizer = load_proxy(score_cfg.proxy, dtype=getattr(torch, score_cfg.dtype))
-    model, tok = model_and_tokenizer
+def _score_methods(
+    cfg: QualityConfig,
+    score_cfg: Any,
+    outdir: str,
+    pool_path: str,
+    model_and_tokenizer: tuple[Any, Any],
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Score the pool with every method (reusing finished folders); keep-scores and timings."""
+    from gradfilter.method.registry import METHODS
+    from gradfilter.run.records import RECORD_FIELDS
+    from gradfilter.run.score import score
+
     keep: dict[str, np.ndarray] = {}
     timing: dict[str, dict[str, float]] = {}
     # G-SNR, its two parts and the early norm (GraNd-like) all come from one
@@ -302,7 +311,7 @@ def run(
                 folder,
                 mcfg,
                 progress=progress,
-                model_and_tokenizer=(model, tok),
+                model_and_tokenizer=model_and_tokenizer,
                 log=say,
             )
             records, run_info = res.records, res.run
@@ -320,42 +329,52 @@ def run(
         if method == "gsnr":
             extra = trajectory_scores(folder, mcfg, cfg.formulas)
             keep.update({k: v for k, v in extra.items() if k not in keep})
-    table = summary(keep, corrupted)
-    results: dict[str, Any] = {
-        "config": dataclasses.asdict(cfg),
-        "score_config": dataclasses.asdict(score_cfg),
-        "corrupted_rows": int(corrupted.sum()),
-        "detection": table,
-        "timing": timing,
-    }
-    if downstream:
-        k = max(1, math.floor(cfg.select_ratio * len(pool)))
-        subsets = {m: select_top(keep[m], top_k=k).tolist() for m in keep if m != "random"}
-        empty = [m for m, idx in subsets.items() if not idx]
-        if empty:
-            say(f"no downstream training for {', '.join(empty)}: no row scored")
-            subsets = {m: idx for m, idx in subsets.items() if idx}
-        for s in cfg.random_seeds:
-            subsets[f"random-{s}"] = (
-                np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
-            )
-        pool_enc = _encode_all(pool, tok, score_cfg.max_length)
-        held_enc = _encode_all(heldout, tok, score_cfg.max_length)
-        results["downstream"] = _downstream(
-            cfg, score_cfg, model, tok, subsets, pool_enc, held_enc, say
-        )
-        results["downstream"]["subsets"] = subsets
-        results["downstream"]["corrupted_share"] = {
-            n: float(corrupted[idx].mean()) for n, idx in subsets.items()
-        }
+    return keep, timing
+
+
+def _downstream_results(
+    cfg: QualityConfig,
+    score_cfg: Any,
+    model_and_tokenizer: tuple[Any, Any],
+    keep: dict[str, np.ndarray],
+    pool: list[dict],
+    heldout: list[dict],
+    corrupted: np.ndarray,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Pick each method's top subset and random subsets, and train on them (:func:`_downstream`)."""
+    from gradfilter.method.gsnr import select_top
+
+    model, tok = model_and_tokenizer
+    k = max(1, math.floor(cfg.select_ratio * len(pool)))
+    subsets = {m: select_top(keep[m], top_k=k).tolist() for m in keep if m != "random"}
+    empty = [m for m, idx in subsets.items() if not idx]
+    if empty:
+        say(f"no downstream training for {', '.join(empty)}: no row scored")
+        subsets = {m: idx for m, idx in subsets.items() if idx}
+    for s in cfg.random_seeds:
+        subsets[f"random-{s}"] = np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
+    pool_enc = _encode_all(pool, tok, score_cfg.max_length)
+    held_enc = _encode_all(heldout, tok, score_cfg.max_length)
+    out = _downstream(cfg, score_cfg, model, tok, subsets, pool_enc, held_enc, say)
+    out["subsets"] = subsets
+    out["corrupted_share"] = {n: float(corrupted[idx].mean()) for n, idx in subsets.items()}
+    return out
+
+
+def _write_results(cfg: QualityConfig, outdir: str, results: dict[str, Any]) -> None:
+    """Write ``results.json``, ``results.md`` and (with downstream) ``heldout_loss.png``."""
+    from gradfilter.bench.quality import markdown_table
+
     with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    md = ["## Detection of corrupted rows", "", markdown_table(table), ""]
+    timing = results["timing"]
+    md = ["## Detection of corrupted rows", "", markdown_table(results["detection"]), ""]
     md += ["## Scoring time", "", "| method | seconds | tokens/s |", "|---|---|---|"]
     md += [
         f"| {m} | {v['seconds']:.1f} | {v['tokens_per_second']:.0f} |" for m, v in timing.items()
     ]
-    if downstream:
+    if "downstream" in results:
         d = results["downstream"]
         md += [
             "",
@@ -371,126 +390,49 @@ def run(
         _plot_curves(d["curves"], os.path.join(outdir, "heldout_loss.png"))
     with open(os.path.join(outdir, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
-    return results
 
 
-def run_seeds(
-    cfg: QualityConfig, score_cfg: Any, outdir: str, seeds: Sequence[int], **kwargs: Any
+def run(
+    cfg: QualityConfig,
+    score_cfg: Any,
+    outdir: str,
+    *,
+    downstream: bool = True,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """:func:`run` once per seed (pool, corruption, ensemble and downstream seeds all
-    follow it) in ``OUTDIR/seed-<s>``; a seed whose ``results.json`` exists is read,
-    not run again.  Writes and returns the aggregate over seeds."""
-    say = kwargs.get("log") or (lambda s: print(s, file=sys.stderr))
-    per_seed: dict[int, dict[str, Any]] = {}
-    for s in seeds:
-        folder = os.path.join(outdir, f"seed-{s}")
-        path = os.path.join(folder, "results.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                per_seed[s] = json.load(f)
-            say(f"seed {s}: results found in {folder}")
-            continue
-        say(f"seed {s}: running in {folder}")
-        per_seed[s] = run(
-            dataclasses.replace(cfg, seed=s),
-            dataclasses.replace(score_cfg, seed=s),
-            folder,
-            **kwargs,
-        )
-    agg = aggregate(per_seed)
+    """Run the benchmark; returns (and writes) the results."""
+    from gradfilter.bench.quality import summary
+    from gradfilter.method.registry import METHODS
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "aggregate.json"), "w", encoding="utf-8") as f:
-        json.dump(agg, f, indent=2)
-    with open(os.path.join(outdir, "aggregate.md"), "w", encoding="utf-8") as f:
-        f.write(aggregate_markdown(agg))
-    return agg
+    pool, heldout, corrupted, pool_path = _prepare_pool(cfg, outdir)
 
+    if model_and_tokenizer is None:
+        from gradfilter.io.models import load_proxy
 
-def _stats(xs: Sequence[float]) -> dict[str, float]:
-    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=float)
-    if a.size == 0:
-        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    return {
-        "mean": float(a.mean()),
-        "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-        "min": float(a.min()),
-        "max": float(a.max()),
-        "n": int(a.size),
+        model_and_tokenizer = load_proxy(score_cfg.proxy, dtype=getattr(torch, score_cfg.dtype))
+    model, tok = model_and_tokenizer
+    keep, timing = _score_methods(cfg, score_cfg, outdir, pool_path, (model, tok), progress, say)
+    table = summary(keep, corrupted)
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "score_config": dataclasses.asdict(score_cfg),
+        "corrupted_rows": int(corrupted.sum()),
+        "detection": table,
+        "timing": timing,
     }
-
-
-def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Mean, sample standard deviation, min and max over seeds of each method's AUROC,
-    corrupted shares of the top 5 / 10 / 15 % and (when run) final held-out loss.
-    ``base_rate`` is the pool's corrupted share; ``top10_vs_base`` its ratio."""
-    methods: list[str] = []
-    for res in per_seed.values():
-        for row in res["detection"]:
-            if row["method"] not in methods:
-                methods.append(row["method"])
-    out: dict[str, Any] = {"seeds": sorted(per_seed), "methods": {}}
-    base = [r["corrupted_rows"] / r["config"]["pool"] for r in per_seed.values()]
-    out["base_rate"] = _stats(base)
-    for m in methods:
-        rows = [
-            next((r for r in res["detection"] if r["method"] == m), None)
-            for res in per_seed.values()
-        ]
-        entry = {
-            k: _stats([r[k] if r else math.nan for r in rows])
-            for k in ("auroc", "top5", "top10", "top15")
-        }
-        entry["top10_vs_base"] = _stats(
-            [(r["top10"] / b) if r else math.nan for r, b in zip(rows, base, strict=False)]
+    if downstream:
+        results["downstream"] = _downstream_results(
+            cfg, score_cfg, (model, tok), keep, pool, heldout, corrupted, say
         )
-        finals = [res.get("downstream", {}).get("final", {}).get(m) for res in per_seed.values()]
-        if any(f is not None for f in finals):
-            entry["heldout_loss"] = _stats([math.nan if f is None else f for f in finals])
-        out["methods"][m] = entry
-    randoms = [
-        v
-        for res in per_seed.values()
-        for n, v in res.get("downstream", {}).get("final", {}).items()
-        if n.startswith("random-")
-    ]
-    if randoms:
-        out["random_subsets_heldout_loss"] = _stats(randoms)
-    return out
-
-
-def aggregate_markdown(agg: dict[str, Any]) -> str:
-    def ms(st: dict[str, float], pct: bool = False) -> str:
-        if not st or st["n"] == 0:
-            return "n/a"
-        f = 100.0 if pct else 1.0
-        unit = "%" if pct else ""
-        d = 1 if pct else 3
-        return (
-            f"{f * st['mean']:.{d}f}{unit} ± {f * st['sd']:.{d}f} "
-            f"[{f * st['min']:.{d}f}, {f * st['max']:.{d}f}]"
-        )
-
-    lines = [
-        f"Seeds: {agg['seeds']}; pool corrupted share {ms(agg['base_rate'], True)} "
-        "(mean ± sd [min, max] over seeds).",
-        "",
-        "| method | AUROC | corrupted in top 10% | top-10% share / pool share | held-out loss |",
-        "|---|---|---|---|---|",
-    ]
-    order = sorted(agg["methods"], key=lambda m: -agg["methods"][m]["auroc"]["mean"])
-    for m in order:
-        e = agg["methods"][m]
-        lines.append(
-            f"| {m} | {ms(e['auroc'])} | {ms(e['top10'], True)} | "
-            f"{ms(e['top10_vs_base'])} | {ms(e.get('heldout_loss', {}))} |"
-        )
-    if "random_subsets_heldout_loss" in agg:
-        lines += [
-            "",
-            "Held-out loss of the random subsets (all seeds): "
-            + ms(agg["random_subsets_heldout_loss"]),
-        ]
-    return "\n".join(lines) + "\n"
+    _write_results(cfg, outdir, results)
+    return results
 
 
 def _plot_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> None:

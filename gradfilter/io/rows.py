@@ -18,6 +18,7 @@ instead of raising.  Blank lines of a JSON Lines file are not rows.
 a JSON list as a JSON list of the original records, JSON Lines as the original
 lines byte for byte, Parquet as Parquet, a saved dataset as a saved dataset;
 Python inputs get the selected records (or ``Dataset.select(...)``) returned.
+The readers and writers of each file format are in :mod:`gradfilter.io.formats`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gradfilter.io import formats
+from gradfilter.io.formats import ACCEPTED_FORMATS, FILE_FORMATS, sniff_format, type_name
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -53,17 +57,6 @@ DEFAULT_FIELDS: dict[str, str] = {
     "messages": "messages",
     "id": "id",
 }
-
-#: Human-readable list of the accepted input formats (used in error messages).
-ACCEPTED_FORMATS = (
-    "an Alpaca JSON file holding a list of objects (.json), JSON Lines (.jsonl, .ndjson), "
-    "Parquet (.parquet, .pq), or a folder written by datasets.Dataset.save_to_disk "
-    "(containing dataset_info.json / state.json)"
-)
-
-_FILE_FORMATS = ("json", "jsonl", "parquet", "hf_dataset")
-_JSONL_EXTENSIONS = (".jsonl", ".ndjson")
-_PARQUET_EXTENSIONS = (".parquet", ".pq")
 
 
 @dataclass
@@ -134,23 +127,6 @@ class Source:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _type_name(value: Any) -> str:
-    """JSON-style name of a value's type, for status messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, Mapping):
-        return "object"
-    return type(value).__name__
-
-
 def _canonical_json(value: Any) -> str:
     """Deterministic JSON text: sorted keys, no whitespace, non-ASCII kept."""
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -195,7 +171,7 @@ def _row_id(record: Mapping[str, Any], fields: Mapping[str, str], text: Any) -> 
 def _messages_status(messages: Any, name: str) -> str:
     """Status of a chat conversation (``"ok"`` or the first problem found)."""
     if not isinstance(messages, (list, tuple)):
-        return f"field '{name}' is not a list (got {_type_name(messages)})"
+        return f"field '{name}' is not a list (got {type_name(messages)})"
     if not messages:
         return f"field '{name}' is empty"
     n_assistant = 0
@@ -203,12 +179,12 @@ def _messages_status(messages: Any, name: str) -> str:
     for i, msg in enumerate(messages):
         where = f"{name}[{i}]"
         if not isinstance(msg, Mapping):
-            return f"{where} is not an object (got {_type_name(msg)})"
+            return f"{where} is not an object (got {type_name(msg)})"
         for key in ("role", "content"):
             if key not in msg:
                 return f"{where} has no '{key}'"
             if not isinstance(msg[key], str):
-                return f"{where}.{key} is not a string (got {_type_name(msg[key])})"
+                return f"{where}.{key} is not a string (got {type_name(msg[key])})"
         if msg["role"] == "assistant":
             n_assistant += 1
             has_content = has_content or bool(msg["content"].strip())
@@ -226,7 +202,7 @@ def _make_row(index: int, record: Any, fields: Mapping[str, str]) -> Row:
             index=index,
             id=content_hash({"record": record}),
             kind="invalid",
-            status=f"row is not an object (got {_type_name(record)})",
+            status=f"row is not an object (got {type_name(record)})",
             record=record,
         )
     messages_name = fields["messages"]
@@ -256,7 +232,7 @@ def _make_row(index: int, record: Any, fields: Mapping[str, str]) -> Row:
             elif status == OK:
                 status = f"missing field '{name}'"
         elif not isinstance(value, str) and status == OK:
-            status = f"field '{name}' is not a string (got {_type_name(value)})"
+            status = f"field '{name}' is not a string (got {type_name(value)})"
         values[key] = value
     if status == OK and not values["output"].strip():
         status = "empty response"
@@ -276,114 +252,11 @@ def _is_message_list(messages: Any) -> bool:
     return isinstance(messages, (list, tuple)) and all(isinstance(m, Mapping) for m in messages)
 
 
-# ----------------------------------------------------------------------------- sniffing
-
-
-def _first_line(path: Path, limit: int = 1 << 26) -> bytes:
-    """The first non-blank line of a file (at most ``limit`` bytes), BOM removed."""
-    with open(path, "rb") as f:
-        read = 0
-        while read < limit:
-            line = f.readline(limit - read)
-            if not line:
-                return b""
-            read += len(line)
-            if read == len(line) and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            if line.strip():
-                return line.strip()
-    return b""
-
-
-def sniff_format(path: str | os.PathLike[str]) -> str:
-    """Detect the format of a data path: ``"json"``, ``"jsonl"``, ``"parquet"`` or ``"hf_dataset"``.
-
-    A folder holding ``dataset_info.json``, ``state.json`` or ``dataset_dict.json``
-    is a saved Hugging Face dataset. A file is recognised by its extension
-    (``.jsonl``/``.ndjson``, ``.parquet``/``.pq``) or by its content: the
-    Parquet magic bytes, a JSON list (first character ``[``), or one JSON object
-    per line (first line alone is a JSON object). A ``.json`` file whose first
-    line is a complete object is JSON Lines.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the format cannot be recognised.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data path {str(p)!r} does not exist")
-    if p.is_dir():
-        if any((p / name).is_file() for name in ("dataset_info.json", "state.json")):
-            return "hf_dataset"
-        if (p / "dataset_dict.json").is_file():
-            return "hf_dataset"
-        raise ValueError(
-            f"{str(p)!r} is a folder but not a saved Hugging Face dataset (no dataset_info.json "
-            f"or state.json). Accepted formats: {ACCEPTED_FORMATS}."
-        )
-    ext = p.suffix.lower()
-    if ext in _JSONL_EXTENSIONS:
-        return "jsonl"
-    if ext in _PARQUET_EXTENSIONS:
-        return "parquet"
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic == b"PAR1":
-        return "parquet"
-    first = _first_line(p)
-    if first.startswith(b"["):
-        return "json"
-    if first.startswith(b"{"):
-        try:
-            obj = json.loads(first.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            obj = None
-        if isinstance(obj, dict):
-            return "jsonl"
-        # Either one pretty-printed object (which the JSON reader rejects with a
-        # clear message) or JSON Lines whose first line is broken.
-        try:
-            json.loads(p.read_bytes().decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "jsonl"
-        return "json"
-    if ext == ".json":
-        return "json"
-    raise ValueError(
-        f"cannot tell the format of {str(p)!r} (extension {ext or 'none'!r}); "
-        f"accepted formats: {ACCEPTED_FORMATS}."
-    )
-
-
-# ----------------------------------------------------------------------------- readers
-
-
-def _read_json(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid UTF-8 ({e})") from None
-    if not text.strip():
-        raise ValueError(f"{str(path)!r} is empty; expected a JSON list of rows")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-            "a JSON file must hold a list of row objects. For one object per line use "
-            "JSON Lines (format='jsonl')."
-        ) from None
-    if not isinstance(obj, list):
-        raise ValueError(  # noqa: TRY004 - a bad file layout, not a bad argument type
-            f"{str(path)!r} holds a JSON {_type_name(obj)}, not a list of rows; "
-            f"accepted formats: {ACCEPTED_FORMATS}."
-        )
-    rows = [_make_row(i, rec, fields) for i, rec in enumerate(obj)]
-    return rows, Source("json", str(path), fields, len(rows), records=obj)
+# ----------------------------------------------------------------------------- loading
 
 
 def _jsonl_row(index: int, lineno: int, raw: bytes, fields: dict[str, str]) -> Row:
+    """Row of one non-blank JSON Lines line (``lineno`` is 1-based)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -411,76 +284,45 @@ def _jsonl_row(index: int, lineno: int, raw: bytes, fields: dict[str, str]) -> R
     return row
 
 
-def _read_jsonl(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    rows: list[Row] = []
-    lines: list[bytes] = []
-    # Split on "\n" only: str.splitlines would also split on U+2028 and other
-    # separators, which may appear unescaped inside JSON strings.
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        rows.append(_jsonl_row(len(rows), lineno, raw, fields))
-        lines.append(raw)
-    return rows, Source("jsonl", str(path), fields, len(rows), lines=lines)
-
-
-def _read_parquet(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        if isinstance(e, (FileNotFoundError, PermissionError)):
-            raise
-        raise ValueError(f"{str(path)!r} could not be read as Parquet: {e}") from None
-    records = table.to_pylist()
-    rows = [_make_row(i, rec, fields) for i, rec in enumerate(records)]
-    return rows, Source("parquet", str(path), fields, len(rows), table=table)
-
-
-def _check_dataset(ds: Any, where: str) -> None:
-    from datasets import Dataset, DatasetDict, IterableDataset
-
-    if isinstance(ds, DatasetDict):
-        splits = ", ".join(ds.keys())
-        raise ValueError(  # noqa: TRY004 - documented as ValueError (unusable data)
-            f"{where} is a DatasetDict with splits [{splits}]; pass one split "
-            "(the split's folder, or dataset_dict['train'])"
-        )
-    if isinstance(ds, IterableDataset):
-        raise ValueError(  # noqa: TRY004
-            f"{where} is an IterableDataset; pass a map-style datasets.Dataset"
-        )
-    if not isinstance(ds, Dataset):
-        raise ValueError(  # noqa: TRY004
-            f"{where} is not a datasets.Dataset (got {type(ds).__name__})"
-        )
-
-
-def _read_hf_dataset(path: Path, fields: dict[str, str]) -> tuple[list[Row], Source]:
-    from datasets import load_from_disk
-
-    try:
-        ds = load_from_disk(str(path))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # datasets raises assorted errors for broken folders
-        raise ValueError(
-            f"{str(path)!r} could not be read as a saved Hugging Face dataset: {e}"
-        ) from e
-    _check_dataset(ds, repr(str(path)))
-    records = ds.to_list()
-    rows = [_make_row(i, rec, fields) for i, rec in enumerate(records)]
-    return rows, Source("hf_dataset", str(path), fields, len(rows), dataset=ds)
-
-
 def _is_hf_dataset_object(obj: Any) -> bool:
     module = type(obj).__module__ or ""
     return module.startswith("datasets")
+
+
+def _load_path(path: Path, format: str, fields: dict[str, str]) -> tuple[list[Row], Source]:
+    """:func:`load_rows` for a file or a saved-dataset folder."""
+    if format not in ("auto", *FILE_FORMATS):
+        raise ValueError(
+            f"unknown format {format!r}; use 'auto' or one of {', '.join(FILE_FORMATS)}"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    kind = sniff_format(path) if format == "auto" else format
+    if kind == "hf_dataset" and not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a file; a saved Hugging Face dataset is a folder")
+    if kind != "hf_dataset" and path.is_dir():
+        raise ValueError(
+            f"{str(path)!r} is a folder; format {kind!r} needs a file. "
+            f"Accepted formats: {ACCEPTED_FORMATS}."
+        )
+    if kind == "jsonl":
+        lines = formats.read_jsonl_lines(path)
+        rows = [_jsonl_row(i, lineno, raw, fields) for i, (lineno, raw) in enumerate(lines)]
+        return rows, Source("jsonl", str(path), fields, len(rows), lines=[raw for _, raw in lines])
+    extra: dict[str, Any]
+    if kind == "json":
+        records = formats.read_json(path)
+        extra = {"records": records}
+    elif kind == "parquet":
+        table = formats.read_parquet(path)
+        records = table.to_pylist()
+        extra = {"table": table}
+    else:
+        dataset = formats.read_hf_dataset(path)
+        records = dataset.to_list()
+        extra = {"dataset": dataset}
+    rows = [_make_row(i, rec, fields) for i, rec in enumerate(records)]
+    return rows, Source(kind, str(path), fields, len(rows), **extra)
 
 
 def load_rows(
@@ -514,30 +356,9 @@ def load_rows(
     """
     resolved = _resolve_fields(fields)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if format not in ("auto", *_FILE_FORMATS):
-            raise ValueError(
-                f"unknown format {format!r}; use 'auto' or one of {', '.join(_FILE_FORMATS)}"
-            )
-        if not path.exists():
-            raise FileNotFoundError(f"data path {str(path)!r} does not exist")
-        kind = sniff_format(path) if format == "auto" else format
-        if kind == "hf_dataset" and not path.is_dir():
-            raise ValueError(f"{str(path)!r} is a file; a saved Hugging Face dataset is a folder")
-        if kind != "hf_dataset" and path.is_dir():
-            raise ValueError(
-                f"{str(path)!r} is a folder; format {kind!r} needs a file. "
-                f"Accepted formats: {ACCEPTED_FORMATS}."
-            )
-        reader = {
-            "json": _read_json,
-            "jsonl": _read_jsonl,
-            "parquet": _read_parquet,
-            "hf_dataset": _read_hf_dataset,
-        }[kind]
-        return reader(path, resolved)
+        return _load_path(Path(source), format, resolved)
     if _is_hf_dataset_object(source):
-        _check_dataset(source, "the given dataset")
+        formats.check_dataset(source, "the given dataset")
         records = source.to_list()
         rows = [_make_row(i, rec, resolved) for i, rec in enumerate(records)]
         return rows, Source("dataset", None, resolved, len(rows), dataset=source)
@@ -638,24 +459,14 @@ def write_subset(
     out = _prepare_out(out_path, source)
     if kind == "json":
         assert source.records is not None
-        subset = [source.records[i] for i in idx]
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(subset, f, ensure_ascii=False, indent=2)
-            f.write("\n")
+        formats.write_json(out, source.records, idx)
     elif kind == "jsonl":
         assert source.lines is not None
-        with open(out, "wb") as f:
-            for i in idx:
-                f.write(source.lines[i])
-                f.write(b"\n")
+        formats.write_jsonl(out, source.lines, idx)
     elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        pq.write_table(source.table.take(idx), out)
+        formats.write_parquet(out, source.table, idx)
     elif kind == "hf_dataset":
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"{str(out)!r} exists and is not a folder")
-        source.dataset.select(idx).save_to_disk(str(out))
+        formats.write_hf_dataset(out, source.dataset, idx)
     else:
         raise ValueError(f"unknown source kind {kind!r}")
     return str(out)

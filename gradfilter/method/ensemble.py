@@ -37,12 +37,10 @@ from gradfilter.method.lora import (
     adapter_key,
     check_layers_from,
     default_targets,
-    in_layers_from,
-    in_out,
-    init_factors,
-    is_conv1d,
-    match_target,
+    make_adapters,
+    match_targets,
     member_dropout,
+    targets_from_layer,
 )
 
 
@@ -106,53 +104,19 @@ class LoRAEnsemble(nn.Module):
         if target_modules is None:
             target_modules = default_targets(base_model)
         self.target_modules = target_modules
-        lm_head = (
-            base_model.get_output_embeddings()
-            if hasattr(base_model, "get_output_embeddings")
-            else None
-        )
-        matched: list[tuple[str, nn.Module]] = []
-        for name, module in base_model.named_modules():
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)) or module is lm_head:
-                continue
-            if target_modules == "all-linear" or (
-                not isinstance(target_modules, str) and match_target(name, target_modules)
-            ):
-                matched.append((name, module))
-        if not matched:
-            raise ValueError(
-                f"no Linear or Conv1D layer of the model matches target_modules={target_modules!r}"
-            )
+        matched = match_targets(base_model, target_modules)
         self.layers_from = check_layers_from(base_model, layers_from)
-        # A target's dropout key uses its position among all matches, so it is the
-        # same whatever layers_from leaves out.
-        self._layer_index: dict[str, int] = {}
-        self._targets: dict[str, nn.Module] = {}
-        if self.layers_from:
-            from gradfilter.method.prefix import decoder_layers
-
-            blocks = decoder_layers(base_model)[0]
-        for index, (name, module) in enumerate(matched):
-            if self.layers_from and not in_layers_from(blocks, name, self.layers_from):
-                continue
-            self._targets[name] = module
-            self._layer_index[name] = index
-        if not self._targets:
-            raise ValueError(
-                f"no layer matching target_modules={target_modules!r} lies in decoder layers "
-                f"{self.layers_from}..; lower layers_from or widen the targets"
-            )
-
-        param = next(base_model.parameters())
-        # Adapters (and so the optimiser state) stay in float32 over a half-precision base.
-        adapter_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-        self.adapters = nn.ModuleDict()
-        for name, module in self._targets.items():
-            d_in, d_out = in_out(module)
-            a, b = init_factors(
-                self.member_seeds, r, name, d_in, d_out, adapter_dtype, param.device
-            )
-            self.adapters[adapter_key(name)] = Adapter(a, b, self.scaling, dropout)
+        self._targets, self._layer_index = targets_from_layer(
+            base_model, matched, self.layers_from, target_modules
+        )
+        self.adapters = make_adapters(
+            self._targets,
+            self.member_seeds,
+            r,
+            self.scaling,
+            dropout,
+            next(base_model.parameters()),
+        )
 
         self.step = 0  # optimiser steps taken; keys the dropout masks
         self._active = False

@@ -87,6 +87,59 @@ def in_layers_from(blocks: str, name: str, layers_from: int) -> bool:
     return int(name[len(prefix) :].split(".", 1)[0]) >= layers_from
 
 
+def match_targets(
+    model: nn.Module, target_modules: Sequence[str] | str
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` of every Linear / Conv1D layer of ``model`` but the LM
+    head whose name matches ``target_modules`` (``"all-linear"``: every one), in
+    ``named_modules`` order."""
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    matched: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or module is lm_head:
+            continue
+        if target_modules == "all-linear" or (
+            not isinstance(target_modules, str) and match_target(name, target_modules)
+        ):
+            matched.append((name, module))
+    if not matched:
+        raise ValueError(
+            f"no Linear or Conv1D layer of the model matches target_modules={target_modules!r}"
+        )
+    return matched
+
+
+def targets_from_layer(
+    model: nn.Module,
+    matched: list[tuple[str, nn.Module]],
+    layers_from: int,
+    target_modules: Sequence[str] | str,
+) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """The matched layers inside decoder layers ``layers_from`` and above (all of
+    them for 0), by name, and each one's layer index.
+
+    A target's layer index (its dropout key) is its position among all matches,
+    so it is the same whatever ``layers_from`` leaves out.
+    """
+    layer_index: dict[str, int] = {}
+    targets: dict[str, nn.Module] = {}
+    if layers_from:
+        from gradfilter.method.prefix import decoder_layers
+
+        blocks = decoder_layers(model)[0]
+    for index, (name, module) in enumerate(matched):
+        if layers_from and not in_layers_from(blocks, name, layers_from):
+            continue
+        targets[name] = module
+        layer_index[name] = index
+    if not targets:
+        raise ValueError(
+            f"no layer matching target_modules={target_modules!r} lies in decoder layers "
+            f"{layers_from}..; lower layers_from or widen the targets"
+        )
+    return targets, layer_index
+
+
 def adapter_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "__", name)
 
@@ -114,6 +167,29 @@ def init_factors(
     a = params["weight"].detach().to(device=device, dtype=dtype).clone()
     b = torch.zeros(len(member_seeds), d_out, r, dtype=dtype, device=device)
     return a, b
+
+
+def make_adapters(
+    targets: dict[str, nn.Module],
+    member_seeds: Sequence[int],
+    r: int,
+    scaling: float,
+    dropout: float,
+    param: torch.Tensor,
+) -> nn.ModuleDict:
+    """One :class:`Adapter` per target layer, keyed by :func:`adapter_key`, on the
+    device of the base parameter ``param``.
+
+    Adapters (and so the optimiser state) stay in float32 over a half-precision
+    base; a float64 base gets float64 adapters.
+    """
+    adapter_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    adapters = nn.ModuleDict()
+    for name, module in targets.items():
+        d_in, d_out = in_out(module)
+        a, b = init_factors(member_seeds, r, name, d_in, d_out, adapter_dtype, param.device)
+        adapters[adapter_key(name)] = Adapter(a, b, scaling, dropout)
+    return adapters
 
 
 def member_dropout(

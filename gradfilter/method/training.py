@@ -50,6 +50,41 @@ def train_step(
         raise ValueError(f"{len(member_batches)} batches for {ens.members} members")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    ids, labels, mask, lengths = _stack_batches(ens, member_batches)
+    bsz, seq = ids.shape[1], ids.shape[2]
+    counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+    prefix = _prefix_states(ens, ids, mask, member_rows, max_tokens)
+    rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.members * seq)))
+    was = ens.training
+    ens.train()
+    ens.base.eval()  # base dropout off; only the adapters' dropout is active
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            total, sq_norms, parts = _chunked_backward(
+                ens, (ids, labels, mask), counts, prefix, lengths, rows, record_norms
+            )
+            optimizer.step()
+    finally:
+        ens.train(was)
+    ens.step += 1
+    losses = (total / counts.cpu()).float()
+    if not record_norms:
+        return losses
+    own, scale = _own_loss_scale(labels, counts, reduction)
+    nan = torch.full_like(sq_norms, float("nan"))
+    total_sq = torch.where(own > 0, sq_norms * scale, nan)
+    if not by_factor:
+        return losses, total_sq
+    return losses, total_sq, {k: torch.where(own > 0, v * scale, nan) for k, v in parts.items()}
+
+
+def _stack_batches(
+    ens: LoRAEnsemble,
+    member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The member batches right-padded to one length and stacked, ``[M, B, T]`` each
+    on the adapters' device, and each member's own padded length."""
     bsz = member_batches[0][0].shape[0]
     if any(b[0].shape[0] != bsz for b in member_batches):
         raise ValueError("every member needs a batch of the same size")
@@ -60,65 +95,88 @@ def train_step(
         torch.stack([pad_right(b[k], seq, v) for b in member_batches]).to(device)
         for k, v in ((0, 0), (1, -100), (2, 0))
     )  # [M, B, T]
-    counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
-    prefix = None
+    return ids, labels, mask, lengths
+
+
+def _prefix_states(
+    ens: LoRAEnsemble,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    member_rows: Sequence[Sequence[int]] | None,
+    max_tokens: int | None,
+) -> torch.Tensor | None:
+    """The frozen prefix's output ``[M, B, T, d]`` when the forward starts at block
+    ``layers_from`` (a prefix cache or ``member_rows``), else None."""
     if member_rows is not None and len(member_rows) != ens.members:
         raise ValueError(f"{len(member_rows)} row lists for {ens.members} members")
-    if ens.prefix_cache is not None or member_rows is not None:
-        flat_rows = None if member_rows is None else [int(r) for rs in member_rows for r in rs]
-        prefix = ens.prefix_states(
-            ids.reshape(-1, seq), mask.reshape(-1, seq), flat_rows, max_tokens=max_tokens
-        )
-        prefix = prefix.reshape(ens.members, bsz, seq, -1)  # [M, B, T, d]
-    rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.members * seq)))
-    was = ens.training
-    ens.train()
-    ens.base.eval()  # base dropout off; only the adapters' dropout is active
+    if ens.prefix_cache is None and member_rows is None:
+        return None
+    bsz, seq = ids.shape[1], ids.shape[2]
+    flat_rows = None if member_rows is None else [int(r) for rs in member_rows for r in rs]
+    prefix = ens.prefix_states(
+        ids.reshape(-1, seq), mask.reshape(-1, seq), flat_rows, max_tokens=max_tokens
+    )
+    return prefix.reshape(ens.members, bsz, seq, -1)  # [M, B, T, d]
+
+
+def _chunked_backward(
+    ens: LoRAEnsemble,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    counts: torch.Tensor,
+    prefix: torch.Tensor | None,
+    lengths: list[int],
+    rows: int,
+    record_norms: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Forward and backward of the step's loss in chunks of ``rows`` rows per member,
+    accumulating the gradient.
+
+    Returns the ``[M]`` summed token losses and, with ``record_norms``, the
+    recorded ``[M, B]`` squared norms (total and per factor) of the step's loss.
+    """
+    ids, labels, mask = batch
+    bsz, seq = ids.shape[1], ids.shape[2]
     total = torch.zeros(ens.members, dtype=torch.float64)
     sq_norms = torch.zeros(ens.members, bsz, dtype=torch.float64) if record_norms else None
     parts = {k: torch.zeros(ens.members, bsz, dtype=torch.float64) for k in ("A", "B")}
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        with torch.enable_grad():
-            for r0 in range(0, bsz, rows):
-                sl = slice(r0, min(bsz, r0 + rows))
-                recorder = None
-                if record_norms:
-                    recorder = NormRecorder(
-                        ens.members, sl.stop - sl.start, valid=mask[:, sl].reshape(-1, seq).bool()
-                    )
-                sums, _ = ens.member_ce_sums(
-                    ids[:, sl].reshape(-1, seq),
-                    labels[:, sl].reshape(-1, seq),
-                    mask[:, sl].reshape(-1, seq),
-                    step_context={"lengths": lengths, "first_row": r0, "recorder": recorder},
-                    prefix_states=None
-                    if prefix is None
-                    else prefix[:, sl].reshape(-1, seq, prefix.shape[-1]),
-                )
-                (sums / counts).sum().backward()
-                total += sums.detach().double().cpu()
-                if recorder is not None:
-                    sq_norms[:, sl] = recorder.sq
-                    for k in parts:
-                        parts[k][:, sl] = recorder.part(k)
-            optimizer.step()
-    finally:
-        ens.train(was)
-    ens.step += 1
-    losses = (total / counts.cpu()).float()
-    if not record_norms:
-        return losses
-    # The recorder saw the gradient of the step's loss, in which row i of member m
-    # weighs 1 / count_m (count_m: the member's supervised tokens in the step).  The
-    # row's own loss weighs its tokens by 1 / n_i (mean) or 1 (sum), so its squared
-    # norm is the recorded one times (count_m / n_i)^2, or count_m^2.
+    for r0 in range(0, bsz, rows):
+        sl = slice(r0, min(bsz, r0 + rows))
+        recorder = None
+        if record_norms:
+            recorder = NormRecorder(
+                ens.members, sl.stop - sl.start, valid=mask[:, sl].reshape(-1, seq).bool()
+            )
+        sums, _ = ens.member_ce_sums(
+            ids[:, sl].reshape(-1, seq),
+            labels[:, sl].reshape(-1, seq),
+            mask[:, sl].reshape(-1, seq),
+            step_context={"lengths": lengths, "first_row": r0, "recorder": recorder},
+            prefix_states=None
+            if prefix is None
+            else prefix[:, sl].reshape(-1, seq, prefix.shape[-1]),
+        )
+        (sums / counts).sum().backward()
+        total += sums.detach().double().cpu()
+        if recorder is not None:
+            sq_norms[:, sl] = recorder.sq
+            for k in parts:
+                parts[k][:, sl] = recorder.part(k)
+    return total, sq_norms, parts
+
+
+def _own_loss_scale(
+    labels: torch.Tensor, counts: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's supervised token count ``n_i`` ``[M, B]`` and the factor that turns
+    its recorded squared norm into the squared norm of its own loss.
+
+    The recorder saw the gradient of the step's loss, in which row i of member m
+    weighs 1 / count_m (count_m: the member's supervised tokens in the step).  The
+    row's own loss weighs its tokens by 1 / n_i (mean) or 1 (sum), so its squared
+    norm is the recorded one times (count_m / n_i)^2, or count_m^2.
+    """
     own = (labels[:, :, 1:] != -100).sum(-1).cpu().double()
     scale = counts.cpu().double().unsqueeze(1).square()
     if reduction == "mean":
         scale = scale / own.square()
-    nan = torch.full_like(sq_norms, float("nan"))
-    total_sq = torch.where(own > 0, sq_norms * scale, nan)
-    if not by_factor:
-        return losses, total_sq
-    return losses, total_sq, {k: torch.where(own > 0, v * scale, nan) for k, v in parts.items()}
+    return own, scale

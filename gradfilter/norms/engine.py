@@ -295,14 +295,10 @@ class _Pass:
 
     # -- the pass ---------------------------------------------------------------
 
-    def run(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor,
-        reduction: str,
-        model_kwargs: dict | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def _mark_rows(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Set :attr:`valid` and :attr:`window`; return each example's label count."""
         bsz, seq = input_ids.shape
         supervised = labels[:, 1:] != -100  # [B, T-1]: position t predicts labels[t+1]
         counts = supervised.sum(-1)
@@ -318,7 +314,68 @@ class _Pass:
         self.valid = attention_mask.bool() & (positions.unsqueeze(0) <= last.unsqueeze(1))
         rows = self.valid.any(0).nonzero()
         self.window = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)
+        return counts
 
+    def _attach(self, handles: list[Any]) -> None:
+        """Register the input and output hooks of every job, appending their handles."""
+        for job in self.jobs:
+            handles.append(job.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            handles.append(
+                job.module.register_forward_hook(self._make_post_hook(job), with_kwargs=True)
+            )
+
+    def _forward_backward(
+        self,
+        inputs: dict,
+        shape: tuple[int, int],
+        labels: torch.Tensor,
+        counts: torch.Tensor,
+        reduction: str,
+    ) -> None:
+        """The recorded forward and the backward of ``sum_i L_i`` (the hooks reduce);
+        ``shape`` is ``(batch, tokens)`` of the input ids."""
+        bsz, seq = shape
+        self.recording = True
+        with torch.enable_grad():
+            output = self.model(**inputs)
+            self.recording = False
+            logits = _logits_of(output)
+            if logits.shape[:2] != (bsz, seq):
+                raise ValueError(
+                    f"model returned logits of shape {tuple(logits.shape)}, expected "
+                    f"[{bsz}, {seq}, vocab]"
+                )
+            loss = _summed_example_losses(logits, labels, counts, reduction)
+            for job in self.jobs:
+                for state in job.ruled.values():
+                    state.expected += len(job.calls)
+            if loss.requires_grad:
+                torch.autograd.grad(loss, self.anchor, allow_unused=True)
+
+    def _release(self, handles: list[Any]) -> None:
+        """Remove the hooks and drop every tensor the pass holds."""
+        self.recording = False
+        for h in handles:
+            h.remove()
+        # The calls sit in reference cycles with the autograd graph (through the
+        # tensor hooks): drop their tensors now rather than at the next GC.
+        for job in self.jobs:
+            for call in job.calls:
+                call.args, call.kwargs, call.outputs, call.grads = (), {}, [], []
+            job.calls = []
+        for st in self.params:
+            st.factors, st.grads = [], None
+        self.anchor = None
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        reduction: str,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
+        counts = self._mark_rows(input_ids, labels, attention_mask)
         pdtype = next(iter(self.params)).param.dtype
         self.anchor = torch.zeros(
             (),
@@ -326,62 +383,37 @@ class _Pass:
             device=input_ids.device,
             requires_grad=True,
         )
-        handles = []
+        handles: list[Any] = []
         try:
-            for job in self.jobs:
-                handles.append(
-                    job.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-                )
-                handles.append(
-                    job.module.register_forward_hook(self._make_post_hook(job), with_kwargs=True)
-                )
-            inputs = {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "use_cache": False,
-                **(model_kwargs or {}),
-            }
-            left_padded = (
-                (attention_mask[:, :-1] > attention_mask[:, 1:]).any() if seq > 1 else False
-            )
-            if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()) or left_padded:
-                # Positions must count real tokens only, as when the example is alone.
-                inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            self.recording = True
-            with torch.enable_grad():
-                output = self.model(**inputs)
-                self.recording = False
-                logits = _logits_of(output)
-                if logits.shape[:2] != (bsz, seq):
-                    raise ValueError(
-                        f"model returned logits of shape {tuple(logits.shape)}, expected "
-                        f"[{bsz}, {seq}, vocab]"
-                    )
-                loss = _summed_example_losses(logits, labels, counts, reduction)
-                for job in self.jobs:
-                    for state in job.ruled.values():
-                        state.expected += len(job.calls)
-                if loss.requires_grad:
-                    torch.autograd.grad(loss, self.anchor, allow_unused=True)
+            self._attach(handles)
+            inputs = _model_inputs(input_ids, attention_mask, model_kwargs)
+            self._forward_backward(inputs, tuple(input_ids.shape), labels, counts, reduction)
             for s in self.params:
                 if s.factored and s.sq_norms is None:
                     self._reduce(s)
             self._run_fallbacks()
         finally:
-            self.recording = False
-            for h in handles:
-                h.remove()
-            # The calls sit in reference cycles with the autograd graph (through the
-            # tensor hooks): drop their tensors now rather than at the next GC.
-            for job in self.jobs:
-                for call in job.calls:
-                    call.args, call.kwargs, call.outputs, call.grads = (), {}, [], []
-                job.calls = []
-            for st in self.params:
-                st.factors, st.grads = [], None
-            self.anchor = None
+            self._release(handles)
         empty = (counts == 0).cpu()
         return {s.name: s.sq_norms.cpu().masked_fill(empty, float("nan")) for s in self.params}
+
+
+def _model_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, model_kwargs: dict | None
+) -> dict[str, Any]:
+    """Keyword arguments of the model call; position ids when any row is padded inside."""
+    seq = input_ids.shape[1]
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "use_cache": False,
+        **(model_kwargs or {}),
+    }
+    left_padded = (attention_mask[:, :-1] > attention_mask[:, 1:]).any() if seq > 1 else False
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()) or left_padded:
+        # Positions must count real tokens only, as when the example is alone.
+        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return inputs
 
 
 def _is_float(a: Any) -> bool:

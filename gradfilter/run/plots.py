@@ -146,6 +146,71 @@ def plot_gsnr_distribution(
     return _save(fig, path, dpi)
 
 
+def _selected_mask(selected: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The boolean selection mask of :func:`plot_drop_vs_variance` (all False for None)."""
+    if selected is None:
+        return np.zeros(shape, dtype=bool)
+    mask = np.asarray(selected)
+    if mask.dtype != np.bool_:
+        raise ValueError(
+            "selected must be a boolean mask of shape [N]; to use row indices idx, "
+            "build mask = np.zeros(N, bool); mask[idx] = True"
+        )
+    if mask.shape != shape:
+        raise ValueError(f"selected must have shape {shape}, got {mask.shape}")
+    return mask
+
+
+def _set_drop_scales(ax: Any, vx: np.ndarray, dy: np.ndarray) -> str:
+    """Log / symlog axes for the drawn spreads ``vx`` and drops ``dy``; returns the
+    note appended to the x label."""
+    note = ""
+    positive = vx[vx > 0]
+    if positive.size == vx.size:
+        ax.set_xscale("log")
+        note = "  (log scale)"
+    elif positive.size:
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+        note = f"  (symlog, linear below {positive.min():.3g})"
+    if _heavy_tailed(dy):
+        ax.set_yscale("symlog", linthresh=_linthresh(dy))
+    return note
+
+
+def _scatter_drop(
+    ax: Any,
+    v: np.ndarray,
+    d: np.ndarray,
+    rest: np.ndarray,
+    chosen: np.ndarray | None,
+    size: float,
+) -> None:
+    """Draw the unselected points ``rest`` and, when a selection is given, the
+    selected points ``chosen`` larger and on top."""
+    ax.scatter(
+        v[rest],
+        d[rest],
+        s=size,
+        c="tab:gray",
+        alpha=0.5,
+        linewidths=0,
+        label=(
+            f"examples: {int(rest.sum())}" if chosen is None else f"not selected: {int(rest.sum())}"
+        ),
+    )
+    if chosen is not None:
+        ax.scatter(
+            v[chosen],
+            d[chosen],
+            s=size * 2.0,
+            c="tab:orange",
+            edgecolors="black",
+            linewidths=0.4,
+            zorder=3,
+            label=f"selected: {int(chosen.sum())}",
+        )
+
+
 def plot_drop_vs_variance(
     drop: np.ndarray,
     late_var: np.ndarray,
@@ -173,17 +238,7 @@ def plot_drop_vs_variance(
     v = _as_vector("late_var", late_var)
     if d.shape != v.shape:
         raise ValueError(f"drop and late_var must have the same length; got {d.size} and {v.size}")
-    if selected is None:
-        mask = np.zeros(d.size, dtype=bool)
-    else:
-        mask = np.asarray(selected)
-        if mask.dtype != np.bool_:
-            raise ValueError(
-                "selected must be a boolean mask of shape [N]; to use row indices idx, "
-                "build mask = np.zeros(N, bool); mask[idx] = True"
-            )
-        if mask.shape != d.shape:
-            raise ValueError(f"selected must have shape {d.shape}, got {mask.shape}")
+    mask = _selected_mask(selected, d.shape)
     ok = np.isfinite(d) & np.isfinite(v)
     n_hidden = int(d.size - ok.sum())
 
@@ -192,42 +247,8 @@ def plot_drop_vs_variance(
     size = 18.0 if ok.sum() <= 500 else 6.0
     xlabel = "late spread $V_i$ across ensemble members"
     if ok.any():
-        vx = v[ok]
-        positive = vx[vx > 0]
-        if positive.size == vx.size:
-            ax.set_xscale("log")
-            xlabel += "  (log scale)"
-        elif positive.size:
-            ax.set_xscale("symlog", linthresh=float(positive.min()))
-            xlabel += f"  (symlog, linear below {positive.min():.3g})"
-        if _heavy_tailed(d[ok]):
-            ax.set_yscale("symlog", linthresh=_linthresh(d[ok]))
-        rest = ok & ~mask
-        chosen = ok & mask
-        ax.scatter(
-            v[rest],
-            d[rest],
-            s=size,
-            c="tab:gray",
-            alpha=0.5,
-            linewidths=0,
-            label=(
-                f"examples: {int(rest.sum())}"
-                if selected is None
-                else f"not selected: {int(rest.sum())}"
-            ),
-        )
-        if selected is not None:
-            ax.scatter(
-                v[chosen],
-                d[chosen],
-                s=size * 2.0,
-                c="tab:orange",
-                edgecolors="black",
-                linewidths=0.4,
-                zorder=3,
-                label=f"selected: {int(chosen.sum())}",
-            )
+        xlabel += _set_drop_scales(ax, v[ok], d[ok])
+        _scatter_drop(ax, v, d, ok & ~mask, ok & mask if selected is not None else None, size)
         ax.legend(loc="best", fontsize="small")
     else:
         ax.text(0.5, 0.5, "no scored rows", ha="center", va="center", transform=ax.transAxes)
