@@ -294,3 +294,41 @@ def test_one_member_warns(tmp_path):
         model_and_tokenizer=proxy(),
     )
     assert any("one member" in s for s in said)
+
+
+def test_template_without_instruction_is_refused_before_loading():
+    with pytest.raises(ValueError, match="template must contain the placeholder"):
+        score(
+            ROWS,
+            None,
+            ScoreConfig(**{**CFG, "template": "nothing"}),
+            progress=False,
+            model_and_tokenizer=None,
+        )
+
+
+def test_rows_with_non_finite_norms_say_so(tmp_path, monkeypatch):
+    """A row whose recorded norm is not finite keeps no score and gets a status."""
+    import numpy as np
+
+    from gradfilter.run import loop
+
+    real = loop.EnsembleRun.run
+
+    def run_then_break_row_2(self, stop_after=None):
+        state = real(self, stop_after)
+        state.trajectory["sq"][2, 0, :] = np.inf
+        return state
+
+    monkeypatch.setattr(loop.EnsembleRun, "run", run_then_break_row_2)
+    res = score(
+        ROWS,
+        None,
+        ScoreConfig(**CFG),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
+    rec = res.records[2]
+    assert rec["score"] is None and rec["status"].startswith("gradient norm not finite")
+    assert all(r["status"] == "ok" for i, r in enumerate(res.records) if i != 2)

@@ -132,6 +132,12 @@ class ScoreConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.template is not None and (
+            not isinstance(self.template, str) or "{instruction}" not in self.template
+        ):
+            raise ValueError(
+                f"template must contain the placeholder {{instruction}}, got {self.template!r}"
+            )
         self.gsnr_config()  # validates the G-SNR options
 
     def norm_epochs(self) -> list[int]:

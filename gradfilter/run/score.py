@@ -300,6 +300,21 @@ def score(
     return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
 
 
+def _mark_non_finite(
+    prepared: Prepared, config: ScoreConfig, sq: np.ndarray, norm_epochs: list[int]
+) -> None:
+    """A scored row whose early or late norm is not finite (overflow, a member that
+    diverged on it) says so in its status instead of silently having no score;
+    infinite entries of ``sq`` become NaN (in place)."""
+    needed = [config.early] if config.method == "grand" else [config.early, config.late]
+    cols = [norm_epochs.index(e) for e in needed]
+    bad = ~np.isfinite(sq[:, :, cols]).all(axis=(1, 2))
+    sq[~np.isfinite(sq)] = np.nan  # an infinite norm is no measurement: NaN, as unscored
+    ok = prepared.ok
+    for j in np.flatnonzero(bad).tolist():
+        prepared.rows[ok[j]].status = f"gradient norm not finite at epochs {needed}"
+
+
 def _no_row_scored(config: ScoreConfig, prepared: Prepared, work: Plan, outdir: str | None):
     """Write every row's status (when there is a folder), then raise."""
     if outdir:
@@ -365,6 +380,7 @@ def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, s
     finally:
         ens.remove()  # the proxy is left without hooks, whatever happened
     timings["train_s"], timings["snapshot_s"] = state.train_s, state.snapshot_s
+    _mark_non_finite(prepared, config, state.trajectory["sq"], work.norm_epochs)
     records = records_from_trajectory(
         row_meta(prepared.rows, prepared.encoded),
         ok,
