@@ -249,8 +249,10 @@ def test_bad_lr_is_refused_before_loading(lr):
         )
 
 
-def test_diverged_training_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="training diverged"):
+def test_diverged_training_is_an_error_with_every_status_written(tmp_path):
+    import json
+
+    with pytest.raises(ValueError, match="no row can be scored"):
         score(
             ROWS,
             str(tmp_path / "out"),
@@ -259,6 +261,9 @@ def test_diverged_training_is_an_error(tmp_path):
             log=lambda s: None,
             model_and_tokenizer=proxy(),
         )
+    recs = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == len(ROWS)
+    assert all(r["status"].startswith("not scored: training diverged") for r in recs)
 
 
 def test_select_refuses_a_reordered_file(tmp_path):

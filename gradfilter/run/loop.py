@@ -22,6 +22,10 @@ def collate(encoded: list[Any], idx: list[int], pad_id: int) -> tuple[torch.Tens
     return pad_batch([encoded[i] for i in idx], pad_id)
 
 
+class TrainingDiverged(ValueError):
+    """A member's training loss stopped being finite."""
+
+
 class EnsembleRun:
     """Trains a :class:`~gradfilter.LoRAEnsemble` through the plan and records the
     per-example norms of every norm epoch into ``state.trajectory``.
@@ -168,7 +172,7 @@ class EnsembleRun:
         )
         losses = out[0] if record is not None else out
         if not bool(torch.isfinite(losses).all()):
-            raise ValueError(
+            raise TrainingDiverged(
                 f"training diverged: member losses {[round(x, 4) for x in losses.tolist()]} at "
                 f"optimizer step {visit} (epoch {state.epoch + 1}); lower --lr or check --alpha"
             )

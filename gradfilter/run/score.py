@@ -28,7 +28,7 @@ import torch
 from gradfilter.method.registry import METHODS
 from gradfilter.run.config import ScoreConfig
 from gradfilter.run.forward import pad_id_of, run_summary, score_forward
-from gradfilter.run.loop import EnsembleRun
+from gradfilter.run.loop import EnsembleRun, TrainingDiverged
 from gradfilter.run.records import (
     NORMS_FILE,
     RUN_FILE,
@@ -377,6 +377,11 @@ def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, s
             progress,
         )
         state = loop.run(stop_after)
+    except TrainingDiverged as e:
+        for i in prepared.ok:  # every row still gets its status
+            prepared.rows[i].status = f"not scored: {e}"
+        prepared.encoded = [None] * len(prepared.encoded)
+        _no_row_scored(config, prepared, work, outdir)
     finally:
         ens.remove()  # the proxy is left without hooks, whatever happened
     timings["train_s"], timings["snapshot_s"] = state.train_s, state.snapshot_s
