@@ -120,6 +120,11 @@ class ScoreConfig:
                     f"snapshots {snaps} must include the early and late epochs "
                     f"({self.early}, {self.late})"
                 )
+        self._check_training_numbers()
+        self.gsnr_config()  # validates the G-SNR options
+
+    def _check_training_numbers(self) -> None:
+        """Rank, epochs, dropout, lr, alpha and the template, before any model loads."""
         for name in ("rank", "epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -138,7 +143,6 @@ class ScoreConfig:
             raise ValueError(
                 f"template must contain the placeholder {{instruction}}, got {self.template!r}"
             )
-        self.gsnr_config()  # validates the G-SNR options
 
     def norm_epochs(self) -> list[int]:
         """The epochs whose per-example norms the run records, ascending."""
