@@ -337,3 +337,22 @@ def test_rows_with_non_finite_norms_say_so(tmp_path, monkeypatch):
     rec = res.records[2]
     assert rec["score"] is None and rec["status"].startswith("gradient norm not finite")
     assert all(r["status"] == "ok" for i, r in enumerate(res.records) if i != 2)
+
+
+def test_scores_jsonl_has_one_line_per_row_whatever_the_ids(tmp_path):
+    """Ids holding characters that some readers treat as line breaks (found by the
+    fuzz suite) stay inside their record."""
+    import json
+
+    rows = [dict(r, id=f"row\x85{i}\u2028x\u2029") for i, r in enumerate(ROWS)]
+    score(
+        rows,
+        str(tmp_path / "out"),
+        ScoreConfig(**CFG),
+        progress=False,
+        log=lambda s: None,
+        model_and_tokenizer=proxy(),
+    )
+    text = (tmp_path / "out" / "scores.jsonl").read_text("utf-8")
+    recs = [json.loads(x) for x in text.splitlines()]
+    assert [r["id"] for r in recs] == [r["id"] for r in rows]

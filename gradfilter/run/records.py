@@ -236,14 +236,20 @@ def read_norms(outdir: str, keys: tuple[str, ...] | None = None) -> dict[str, np
         return {k: z[k] for k in z.files if keys is None or k in keys}
 
 
+#: Characters that some readers take as line breaks, written as JSON escapes.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def write_outputs(outdir: str, records: list[dict], run: dict, plots: bool = True) -> None:
     """``scores.jsonl``, ``run.json`` and, for G-SNR runs, the two plots."""
     from gradfilter.run.plots import plot_drop_vs_variance, plot_gsnr_distribution
 
     os.makedirs(outdir, exist_ok=True)
-    # json.dumps(r, ensure_ascii=False) for each record; one encoder for all of them
+    # json.dumps(r, ensure_ascii=False) for each record; one encoder for all of them.
+    # U+0085, U+2028 and U+2029 are escaped too: JSON allows them raw inside strings,
+    # but line splitters such as str.splitlines() would cut a record there.
     encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
-    lines = "".join([encode(r) + "\n" for r in records])
+    lines = "".join([encode(r) + "\n" for r in records]).translate(_LINE_BREAKS)
     atomic_write(os.path.join(outdir, SCORES_FILE), lines.encode("utf-8"))
     atomic_write(os.path.join(outdir, RUN_FILE), json.dumps(run, indent=2).encode("utf-8"))
     if not plots or not any(r["drop"] is not None for r in records):
