@@ -285,3 +285,15 @@ def test_aggregate_over_seeds():
     md = aggregate_markdown(agg)
     assert md.index("| a |") < md.index("| b |")  # by mean AUROC
     assert "0.700 ± 0.100 [0.600, 0.800]" in md
+
+
+def test_rescore_reads_an_older_norms_file_without_row_fields(tmp_path):
+    run(tmp_path / "a", norms="inflight")
+    path = tmp_path / "a" / "norms.npz"
+    with np.load(path) as z:
+        kept = {k: z[k] for k in z.files if k != "rows"}
+    np.savez_compressed(path, **kept)
+    rescore(str(tmp_path / "a"), output=str(tmp_path / "b"))
+    assert (tmp_path / "a" / "scores.jsonl").read_bytes() == (
+        tmp_path / "b" / "scores.jsonl"
+    ).read_bytes()

@@ -31,6 +31,7 @@ from gradfilter.run.forward import pad_id_of, run_summary, score_forward
 from gradfilter.run.loop import EnsembleRun, TrainingDiverged
 from gradfilter.run.records import (
     NORMS_FILE,
+    ROW_FIELDS,
     RUN_FILE,
     SCORES_FILE,
     atomic_write,
@@ -464,7 +465,10 @@ def rescore(
                 f"epoch {e} has no recorded norms in {outdir}; recorded: {epochs} "
                 "(record more with score --snapshots)"
             )
-    meta = json.loads(str(norms["rows"]))
+    if "rows" in norms:
+        meta = json.loads(str(norms["rows"]))
+    else:  # norms.npz written before the rows' fields were stored there
+        meta = [{k: r[k] for k in ROW_FIELDS} for r in read_scores(outdir)[0]]
     ok = [int(i) for i in norms["scored"]]
     new = records_from_trajectory(meta, ok, config, norms["sq"][ok], epochs)
     run = dict(run, config=dataclasses.asdict(config), method=config.method)
