@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 def _score(args: argparse.Namespace) -> int:
     from importlib import resources
 
-    from gradfilter.run.score import ScoreConfig, score
+    from gradfilter.run.score import score
 
     data = args.data
     if data is None:
@@ -43,39 +44,7 @@ def _score(args: argparse.Namespace) -> int:
     targets = args.targets
     if targets is not None and targets != "all-linear":
         targets = [t for t in targets.split(",") if t]
-    config = ScoreConfig(
-        method=args.method,
-        proxy=args.proxy,
-        dtype=args.dtype,
-        members=args.members,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        targets=targets,
-        lora_layers_from=args.lora_layers_from,
-        prefix_cache=args.prefix_cache,
-        epochs=args.epochs,
-        early=args.early,
-        late=args.late,
-        snapshots=_snapshots(args.snapshots, args.epochs),
-        warmup_steps=args.warmup_steps,
-        formula=args.formula,
-        norms=args.norms,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        token_budget=args.token_budget or None,
-        max_length=args.max_length,
-        seed=args.seed,
-        template=args.template,
-        reduction=args.reduction,
-        drop=args.drop,
-        spread=args.spread,
-        of=args.of,
-        ddof=args.ddof,
-        eps=args.eps,
-        fields=fields,
-        checkpoint_seconds=args.checkpoint_seconds,
-    )
+    config = score_config_from_args(args, targets=targets, fields=fields)
     try:
         result = score(
             data,
@@ -100,6 +69,17 @@ def _score(args: argparse.Namespace) -> int:
     )
     _show(result, args.show)
     return 0
+
+
+def score_config_from_args(args: argparse.Namespace, **given: Any) -> ScoreConfig:
+    """The :class:`ScoreConfig` of a command line: every parsed option named like a
+    field, ``--snapshots`` and ``--token-budget`` converted, then ``given``; fields
+    the command has no option for keep their defaults."""
+    names = {f.name for f in dataclasses.fields(ScoreConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["snapshots"] = _snapshots(args.snapshots, args.epochs)
+    values["token_budget"] = args.token_budget or None
+    return ScoreConfig(**{**values, **given})
 
 
 def _snapshots(text: str | None, epochs: int) -> list[int] | None:

@@ -11,13 +11,12 @@ import os
 import sys
 from typing import Any
 
-from gradfilter.cli import D, _snapshots
+from gradfilter.cli import D, score_config_from_args
 from gradfilter.method.gsnr import FORMULAS
 
 
 def _quality(args: argparse.Namespace) -> int:
     from gradfilter.bench.quality_bench import QualityConfig, run_seeds
-    from gradfilter.run.score import ScoreConfig
 
     qcfg = QualityConfig(
         data=args.data,
@@ -34,26 +33,7 @@ def _quality(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
-    scfg = ScoreConfig(
-        proxy=args.proxy,
-        dtype=args.dtype,
-        members=args.members,
-        rank=args.rank,
-        epochs=args.epochs,
-        early=args.early,
-        late=args.late,
-        snapshots=_snapshots(args.snapshots, args.epochs),
-        warmup_steps=args.warmup_steps,
-        formula=args.formula,
-        norms=args.norms,
-        lr=args.lr,
-        lora_layers_from=args.lora_layers_from,
-        prefix_cache=args.prefix_cache,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        token_budget=args.token_budget or None,
-    )
+    scfg = score_config_from_args(args)
     try:
         scfg.validate()
         run_seeds(

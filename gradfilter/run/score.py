@@ -387,19 +387,14 @@ def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, s
         ens.remove()  # the proxy is left without hooks, whatever happened
     timings["train_s"], timings["snapshot_s"] = state.train_s, state.snapshot_s
     _mark_non_finite(prepared, config, state.trajectory["sq"], work.norm_epochs)
-    records = records_from_trajectory(
-        row_meta(prepared.rows, prepared.encoded),
-        ok,
-        config,
-        state.trajectory["sq"],
-        work.norm_epochs,
-    )
+    meta = row_meta(prepared.rows, prepared.encoded)
+    records = records_from_trajectory(meta, ok, config, state.trajectory["sq"], work.norm_epochs)
     if outdir:
         write_norms(
             outdir,
             state.trajectory,
             ok,
-            row_meta(prepared.rows, prepared.encoded),
+            meta,
             work.norm_epochs,
             [work.warmup + e * work.steps_per_epoch for e in work.norm_epochs],
         )
