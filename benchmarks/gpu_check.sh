@@ -107,6 +107,21 @@ stage tests-kernels 90 "${PYTEST[@]}" tests/test_kernels.py
 stage tests-fused 60 "${PYTEST[@]}" tests/test_fused.py tests/test_reference.py
 # (b) the public API on tiny CUDA models, Triton backend against the reference backend
 stage tests-engine 40 "${PYTEST[@]}" -m gpu tests/test_engine.py
+# (b2) a whole scoring run on CUDA (--device cuda) on a tiny Llama proxy and the demo rows
+score_run() {
+  "$PY" - "$OUT/score-demo" <<'PYEOF'
+import sys, tempfile
+from gradfilter.cli import main
+from gradfilter.io.models import tiny_llama, tiny_tokenizer
+proxy = tempfile.mkdtemp()
+tiny_llama(seed=0).save_pretrained(proxy)
+tiny_tokenizer().save_pretrained(proxy)
+sys.exit(main(["score", "-o", sys.argv[1], "--proxy", proxy, "--device", "cuda",
+               "--norms", "inflight", "--no-progress", "--force"]))
+PYEOF
+}
+export -f score_run
+stage score-demo 30 bash -c score_run
 # (c) the cases the targets name, one small invocation (and JSON) each
 bench() {  # NAME SECONDS FILE -k-EXPRESSION [VAR=VALUE ...]
   local name=$1 limit=$2 file=$3 expr=$4
@@ -130,7 +145,7 @@ report() {
     "$PY" benchmarks/report.py "${runs[@]}"; } >"$OUT/table.md"
 }
 export -f report
-stage report 5 bash -c report  # the stages' limits add up to 415 s
+stage report 5 bash -c report  # the stages' limits add up to 445 s
 
 [ -f "$OUT/table.md" ] && sed '/^$/q' "$OUT/table.md"  # the targets table
 echo "results: $OUT"

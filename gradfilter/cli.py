@@ -57,6 +57,10 @@ def _score(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from gradfilter.run.dist import world_from_env
+
+    if not world_from_env().main:
+        return 0  # rank 0 reports for the whole run
     if args.dry_run:
         print(json.dumps(result.run["plan"], indent=2))
         return 0
@@ -265,6 +269,12 @@ def _add_score_training_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-length", type=int, default=D.max_length)
     p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument(
+        "--device",
+        default=D.device,
+        help="auto (CUDA when available, under torchrun the process's LOCAL_RANK GPU; "
+        "else the CPU), cpu, cuda or cuda:N",
+    )
     p.add_argument(
         "--template",
         default=None,

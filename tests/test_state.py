@@ -356,3 +356,31 @@ def test_scores_jsonl_has_one_line_per_row_whatever_the_ids(tmp_path):
     text = (tmp_path / "out" / "scores.jsonl").read_text("utf-8")
     recs = [json.loads(x) for x in text.splitlines()]
     assert [r["id"] for r in recs] == [r["id"] for r in rows]
+
+
+@pytest.mark.parametrize("targets", [[], ["", "q"], "q_proj"])
+def test_malformed_targets_are_refused_before_loading(targets):
+    with pytest.raises(ValueError, match="targets must be 'all-linear' or a non-empty list"):
+        score(ROWS, None, ScoreConfig(**{**CFG, "targets": targets}), progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"targets": ["no_such_proj"]}, "no Linear or Conv1D layer of the model matches"),
+        ({"lora_layers_from": 7}, r"layers_from must be in \[0, 2\)"),
+    ],
+)
+def test_targets_are_checked_on_the_architecture_before_the_weights_load(tmp_path, change, message):
+    """The proxy folder holds its configuration but no weights: the setting is
+    refused from the configuration alone, so the weights are never read."""
+    model, tok = proxy()
+    folder = tmp_path / "proxy"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    for name in os.listdir(folder):
+        if name.endswith((".safetensors", ".bin")):
+            os.remove(folder / name)
+    config = ScoreConfig(**{**CFG, "proxy": str(folder), **change})
+    with pytest.raises(ValueError, match=message):
+        score(ROWS, None, config, progress=False, log=lambda s: None)

@@ -375,6 +375,29 @@ def load_proxy(
         ) from err
 
 
+def proxy_skeleton(name_or_path: str | None = None) -> Any:
+    """The proxy's architecture without its weights: the model that
+    :func:`load_proxy` would return, built on the ``meta`` device from the
+    configuration alone (no tensor is read or de-quantised).  Lets settings that
+    depend on the architecture (LoRA targets, ``layers_from``) be checked before
+    the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra: dict[str, Any] = {"trust_remote_code": False}
+    if name_or_path is None or name_or_path.lower() == "smollm2":
+        gguf = smollm2_gguf_path()
+        location, extra["gguf_file"] = os.path.dirname(gguf), os.path.basename(gguf)
+    elif name_or_path.lower().endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+        location, extra["gguf_file"] = os.path.split(os.path.abspath(name_or_path))
+    else:
+        location = name_or_path
+    config = AutoConfig.from_pretrained(location, **extra)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
 def tiny_tokenizer() -> Any:
     """A character-level tokenizer whose 97 ids fit the tiny models' vocabulary.
 

@@ -35,12 +35,9 @@ from torch import nn
 from gradfilter.method.lora import (
     Adapter,
     adapter_key,
-    check_layers_from,
-    default_targets,
     make_adapters,
-    match_targets,
     member_dropout,
-    targets_from_layer,
+    resolve_targets,
 )
 
 
@@ -93,6 +90,9 @@ class LoRAEnsemble(nn.Module):
         if len(self.member_seeds) != members:
             raise ValueError(f"{len(self.member_seeds)} member seeds for {members} members")
         self.members, self.r, self.alpha, self.dropout = members, r, alpha, dropout
+        # Members whose rows share one folded pass in the whole run (more than
+        # ``members`` when other processes train the rest); it sizes the chunks.
+        self.fold_members = members
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.base = base_model
@@ -101,13 +101,8 @@ class LoRAEnsemble(nn.Module):
         # Hugging Face causal LMs that take a tensor of positions for the LM head.
         self._keeps_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
 
-        if target_modules is None:
-            target_modules = default_targets(base_model)
-        self.target_modules = target_modules
-        matched = match_targets(base_model, target_modules)
-        self.layers_from = check_layers_from(base_model, layers_from)
-        self._targets, self._layer_index = targets_from_layer(
-            base_model, matched, self.layers_from, target_modules
+        self.target_modules, self.layers_from, self._targets, self._layer_index = resolve_targets(
+            base_model, target_modules, layers_from
         )
         self.adapters = make_adapters(
             self._targets,

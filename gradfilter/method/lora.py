@@ -109,6 +109,24 @@ def match_targets(
     return matched
 
 
+def resolve_targets(
+    model: nn.Module, target_modules: Sequence[str] | str | None, layers_from: int
+) -> tuple[Sequence[str] | str, int, dict[str, nn.Module], dict[str, int]]:
+    """The adapted layers of ``model``: ``(target_modules, layers_from, targets,
+    layer_index)`` with the defaults filled in and every setting checked (works on a
+    ``meta``-device model too, so the settings can be checked before weights load).
+
+    Raises:
+        ValueError: no layer matches, or ``layers_from`` is out of range.
+    """
+    if target_modules is None:
+        target_modules = default_targets(model)
+    matched = match_targets(model, target_modules)
+    layers_from = check_layers_from(model, layers_from)
+    targets, layer_index = targets_from_layer(model, matched, layers_from, target_modules)
+    return target_modules, layers_from, targets, layer_index
+
+
 def targets_from_layer(
     model: nn.Module,
     matched: list[tuple[str, nn.Module]],

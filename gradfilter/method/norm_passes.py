@@ -39,7 +39,7 @@ def ensemble_grad_norms(
     if max_tokens is None:
         device = next(ens.adapters.parameters()).device
         max_tokens = 0 if device.type == "cuda" else 2048
-    step = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.members * seq)))
+    step = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.fold_members * seq)))
     if rows is not None:
         rows = list(rows)
         if len(rows) != bsz:

@@ -24,6 +24,7 @@ def train_step(
     record_norms: bool = False,
     reduction: str = "mean",
     by_factor: bool = False,
+    pad_to: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """One optimiser step for all members, each on its own batch.
 
@@ -45,16 +46,20 @@ def train_step(
     supervised token get NaN.  With ``by_factor=True`` a third value follows:
     ``{"A": [M, B], "B": [M, B]}``, the same squared norms restricted to the
     ``lora_A`` and to the ``lora_B`` factors (they add up to the total).
+
+    ``pad_to``: pad the folded batch to at least this length, and chunks are sized
+    for ``ens.fold_members`` members: a process that trains a share of a larger
+    ensemble computes what that ensemble's folded step computes for its members.
     """
     if len(member_batches) != ens.members:
         raise ValueError(f"{len(member_batches)} batches for {ens.members} members")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    ids, labels, mask, lengths = _stack_batches(ens, member_batches)
+    ids, labels, mask, lengths = _stack_batches(ens, member_batches, pad_to)
     bsz, seq = ids.shape[1], ids.shape[2]
     counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
     prefix = _prefix_states(ens, ids, mask, member_rows, max_tokens)
-    rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.members * seq)))
+    rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.fold_members * seq)))
     was = ens.training
     ens.train()
     ens.base.eval()  # base dropout off; only the adapters' dropout is active
@@ -82,13 +87,14 @@ def train_step(
 def _stack_batches(
     ens: LoRAEnsemble,
     member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    pad_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """The member batches right-padded to one length and stacked, ``[M, B, T]`` each
     on the adapters' device, and each member's own padded length."""
     bsz = member_batches[0][0].shape[0]
     if any(b[0].shape[0] != bsz for b in member_batches):
         raise ValueError("every member needs a batch of the same size")
-    seq = max(b[0].shape[1] for b in member_batches)
+    seq = max([b[0].shape[1] for b in member_batches] + [pad_to or 0])
     lengths = [b[0].shape[1] for b in member_batches]
     device = next(ens.adapters.parameters()).device
     ids, labels, mask = (

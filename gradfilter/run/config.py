@@ -56,6 +56,10 @@ class ScoreConfig:
     formula: str = "paper"  # see gradfilter.method.gsnr.FORMULAS
     fields: dict[str, str] = field(default_factory=dict)
     checkpoint_seconds: float = 60.0
+    # "auto": CUDA when available (under torchrun: the process's LOCAL_RANK device),
+    # else the CPU; or "cpu", "cuda", "cuda:N".  Not in the identity: a run may
+    # resume on another device.
+    device: str = "auto"
 
     def validate(self) -> None:
         from gradfilter.method.registry import method
@@ -121,7 +125,25 @@ class ScoreConfig:
                     f"({self.early}, {self.late})"
                 )
         self._check_training_numbers()
+        self._check_targets_form()
+        if not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.gsnr_config()  # validates the G-SNR options
+
+    def _check_targets_form(self) -> None:
+        """``targets`` is None, ``"all-linear"`` or a non-empty list of module names;
+        whether they match the proxy is checked on its architecture before it loads."""
+        t = self.targets
+        if t is None or t == "all-linear":
+            return
+        if isinstance(t, str) or not all(isinstance(n, str) and n.strip() for n in t) or not t:
+            raise ValueError(
+                "targets must be 'all-linear' or a non-empty list of module names "
+                f"(e.g. q_proj,v_proj), got {t!r}"
+            )
 
     def _check_training_numbers(self) -> None:
         """Rank, epochs, dropout, lr, alpha and the template, before any model loads."""
@@ -164,6 +186,7 @@ class ScoreConfig:
         """The fields a checkpoint must agree on to be resumed."""
         d = dataclasses.asdict(self)
         d.pop("checkpoint_seconds")
+        d.pop("device")
         d.pop("prefix_cache")  # same scores (to rounding) with or without
         for k in ("formula", "drop", "spread", "of", "ddof", "eps"):
             d.pop(k)  # scoring only, applied to the stored norms at the end

@@ -13,7 +13,8 @@ import torch
 
 from gradfilter.method.schedule import WARMUP_EPOCH_SALT, member_schedule
 from gradfilter.run.config import ScoreConfig
-from gradfilter.run.state import CHECKPOINT_FILE, RunState, load_checkpoint, save_checkpoint
+from gradfilter.run.dist import World
+from gradfilter.run.state import RunState, checkpoint_file, load_checkpoint, save_checkpoint
 
 
 def collate(encoded: list[Any], idx: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -31,7 +32,12 @@ class EnsembleRun:
     per-example norms of every norm epoch into ``state.trajectory``.
 
     ``ok``: positions of the scorable rows; ``encoded``: every row's tokens (None
-    for unscorable ones); ``plan``: a :class:`gradfilter.run.score.Plan`."""
+    for unscorable ones); ``plan``: a :class:`gradfilter.run.score.Plan`.
+
+    In a run across processes (``world``), ``ens`` holds this process's share of
+    the members and ``all_seeds`` every member's seed: each step's batches are
+    drawn for the whole ensemble and padded to the length the whole fold would
+    have, so a member computes what it computes in one process."""
 
     def __init__(
         self,
@@ -46,12 +52,18 @@ class EnsembleRun:
         identity: dict,
         say: Callable[[str], None],
         progress: bool,
+        world: World | None = None,
+        all_seeds: list[int] | None = None,
     ) -> None:
         self.config, self.ens, self.encoded, self.ok = config, ens, encoded, ok
         self.lengths, self.plan, self.pad_id, self.say = lengths, plan, pad_id, say
         self.opt = ens.make_optimizer(lr=config.lr)
-        self.state = RunState.new(len(ok), config.members, len(plan.norm_epochs))
-        self.ckpt_path = os.path.join(outdir, CHECKPOINT_FILE) if outdir else None
+        self.world = world or World()
+        self.all_seeds = list(ens.member_seeds) if all_seeds is None else list(all_seeds)
+        self.share = [self.all_seeds.index(s) for s in ens.member_seeds]
+        self.state = RunState.new(len(ok), ens.members, len(plan.norm_epochs))
+        name = checkpoint_file(self.world.rank, self.world.size)
+        self.ckpt_path = os.path.join(outdir, name) if outdir else None
         self.identity = identity
         self.steps_run = 0
         self._resume()
@@ -121,14 +133,8 @@ class EnsembleRun:
         spe, t = self.plan.steps_per_epoch, time.perf_counter()
         while self.state.warmup < self.plan.warmup:
             w_epoch, w_step = divmod(self.state.warmup, spe)
-            schedule = member_schedule(
-                self.lengths,
-                self.config.batch_size,
-                WARMUP_EPOCH_SALT + w_epoch,
-                self.ens.member_seeds,
-                self.config.seed,
-            )
-            self.train_step(schedule[w_step], None)
+            schedule = self.schedule(WARMUP_EPOCH_SALT + w_epoch)
+            self.train_step(*schedule[w_step], None)
             self.state.warmup += 1
             self._stop_if_asked(stop_after, t)
             t = self._maybe_save("train_s", t)
@@ -136,9 +142,7 @@ class EnsembleRun:
 
     def train_epoch(self, stop_after: int | None) -> None:
         epoch = self.state.epoch
-        schedule = member_schedule(
-            self.lengths, self.config.batch_size, epoch, self.ens.member_seeds, self.config.seed
-        )
+        schedule = self.schedule(epoch)
         record = (
             self.plan.norm_epochs.index(epoch + 1)
             if self.config.norms == "inflight" and epoch + 1 in self.plan.norm_epochs
@@ -146,7 +150,7 @@ class EnsembleRun:
         )
         t = time.perf_counter()
         while self.state.step < len(schedule):
-            self.train_step(schedule[self.state.step], record)
+            self.train_step(*schedule[self.state.step], record)
             self.state.step += 1
             self._stop_if_asked(stop_after, t)
             t = self._maybe_save("train_s", t)
@@ -154,7 +158,20 @@ class EnsembleRun:
         self.state.epoch, self.state.step = epoch + 1, 0
         self.save()
 
-    def train_step(self, step: list[list[int]], record: int | None) -> None:
+    def schedule(self, epoch: int) -> list[tuple[list[list[int]], int | None]]:
+        """Each step of the epoch: this process's members' batches, and the length to
+        pad them to (None in one process: the longest row of the batches)."""
+        full = member_schedule(
+            self.lengths, self.config.batch_size, epoch, self.all_seeds, self.config.seed
+        )
+        if len(self.share) == len(self.all_seeds):
+            return [(step, None) for step in full]
+        return [
+            ([step[m] for m in self.share], max(self.lengths[j] for b in step for j in b))
+            for step in full
+        ]
+
+    def train_step(self, step: list[list[int]], pad_to: int | None, record: int | None) -> None:
         """One folded optimizer step; ``record``: the trajectory column it fills in flight."""
         ens, ok, state = self.ens, self.ok, self.state
         batches = [collate(self.encoded, [ok[j] for j in idx], self.pad_id) for idx in step]
@@ -169,6 +186,7 @@ class EnsembleRun:
             record_norms=record is not None,
             reduction=self.config.reduction,
             by_factor=True,
+            pad_to=pad_to,
         )
         losses = out[0] if record is not None else out
         if not bool(torch.isfinite(losses).all()):
@@ -184,7 +202,7 @@ class EnsembleRun:
                 traj["sq_a"][idx, mi, record] = parts["A"][mi, : len(idx)]
                 traj["sq_b"][idx, mi, record] = parts["B"][mi, : len(idx)]
                 traj["visit_step"][idx, mi, record] = visit
-        seq = max(b[0].shape[1] for b in batches)
+        seq = max([b[0].shape[1] for b in batches] + [pad_to or 0])
         real = sum(int(b[2].sum()) for b in batches)
         state.tokens += real
         state.padded += seq * sum(b[0].shape[0] for b in batches) - real
@@ -201,7 +219,7 @@ class EnsembleRun:
 
     def snapshot(self, epoch: int) -> None:
         """An eval-mode norm pass over every scorable row after ``epoch``."""
-        state, ens, m = self.state, self.ens, self.config.members
+        state, ens, m = self.state, self.ens, self.ens.members
         c = self.plan.norm_epochs.index(epoch)
         if state.snapshot != epoch:
             state.snapshot, state.snap_batch = epoch, 0

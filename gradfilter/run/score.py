@@ -27,6 +27,17 @@ import torch
 
 from gradfilter.method.registry import METHODS
 from gradfilter.run.config import ScoreConfig
+from gradfilter.run.dist import (
+    World,
+    agree,
+    finish,
+    gather,
+    member_share,
+    run_device,
+    start,
+    together,
+    world_from_env,
+)
 from gradfilter.run.forward import pad_id_of, run_summary, score_forward
 from gradfilter.run.loop import EnsembleRun, TrainingDiverged
 from gradfilter.run.records import (
@@ -46,7 +57,9 @@ from gradfilter.run.records import (
     write_outputs,
 )
 from gradfilter.run.select import select, select_from
-from gradfilter.run.state import CHECKPOINT_FILE, claim_outdir, run_identity
+from gradfilter.run.state import CHECKPOINT_FILE, RunState, claim_outdir, fingerprint, run_identity
+
+WORLD = World()
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -214,13 +227,35 @@ def plan(config: ScoreConfig, prepared: Prepared) -> Plan:
     return Plan(ensemble, epochs, norm_epochs, warmup, spe, snaps, passes, summary, text)
 
 
-def _load_proxy(config: ScoreConfig, given: tuple[Any, Any] | None) -> tuple[Any, Any]:
+def check_proxy_settings(config: ScoreConfig) -> None:
+    """The LoRA targets and ``lora_layers_from`` against the proxy's architecture,
+    from its configuration alone, so that a bad setting fails before the weights
+    load (seconds to minutes for a large proxy)."""
+    if METHODS[config.method].kind != "ensemble":
+        return
+    from gradfilter.io.models import proxy_skeleton
+    from gradfilter.method.lora import resolve_targets
+
+    try:
+        skeleton = proxy_skeleton(config.proxy)
+    except (OSError, ValueError, ImportError, KeyError):
+        return  # the loader itself gives the error for a proxy it cannot find or read
+    resolve_targets(skeleton, config.targets, config.lora_layers_from)
+
+
+def _load_proxy(
+    config: ScoreConfig, given: tuple[Any, Any] | None, device: torch.device | None
+) -> tuple[Any, Any]:
+    """The proxy and its tokenizer on ``device`` (None: where a given model is)."""
     if given is None:
+        check_proxy_settings(config)
         from gradfilter.io.models import load_proxy
 
         model, tok = load_proxy(config.proxy, dtype=getattr(torch, config.dtype))
     else:
         model, tok = given
+    if device is not None:
+        model = model.to(device)
     if getattr(model.config, "_attn_implementation", None) == "eager":
         # sdpa keeps the attention matrices out of the saved activations.
         model.config._attn_implementation = "sdpa"
@@ -261,21 +296,76 @@ def score(
     """
     config = config or ScoreConfig()
     config.validate()
-    say = log or (lambda s: print(s, file=sys.stderr))
+    world = world_from_env()
+    say = _process_log(log or (lambda s: print(s, file=sys.stderr)), world)
+    device = (
+        None
+        if model_and_tokenizer is not None and config.device == "auto"
+        else run_device(config.device, world)
+    )
+    joined = start(world, device or next(model_and_tokenizer[0].parameters()).device)
+    try:
+        result = _score(
+            data, outdir, config, world, device, say, progress, dry_run,
+            model_and_tokenizer, stop_after, force,
+        )  # fmt: skip
+    except BaseException:
+        if joined:
+            finish(world, wait=False)
+        raise
+    if joined:
+        finish(world)
+    return result
+
+
+def _process_log(say: Callable[[str], None], world: World) -> Callable[[str], None]:
+    """Rank 0 says everything; the other processes only warnings and errors."""
+    if world.main:
+        return say
+
+    def other(message: str) -> None:
+        if message.startswith(("warning", "error")):
+            say(f"[rank {world.rank}] {message}")
+
+    return other
+
+
+def _score(
+    data, outdir, config, world, device, say, progress, dry_run, model_and_tokenizer,
+    stop_after, force,
+) -> ScoreResult:  # fmt: skip
+    ensemble = METHODS[config.method].kind == "ensemble"
+    if world.distributed and not ensemble:
+        raise ValueError(
+            f"--method {config.method} is a forward pass without an ensemble; it runs in one "
+            "process (start it without torchrun)"
+        )
+    share = member_share(config.members, world) if ensemble else []
     if outdir and not dry_run:
-        claim_outdir(outdir, config, force)
+        together(world, claim_outdir, outdir, config, force, world.size)
     if config.members == 1 and config.method in ("gsnr", "late_var"):
         say(
             "warning: with one member the late variance is 0 for every row, so G-SNR is the "
             "drop divided by eps (the paper formula) and late_var ranks every row the same"
         )
     t_start = time.perf_counter()
-    model, tok = _load_proxy(config, model_and_tokenizer)
+    model, tok = _load_proxy(config, model_and_tokenizer, device)
     timings = {"load_s": time.perf_counter() - t_start}
     t0 = time.perf_counter()
     prepared = prepare(data, config, tok)
     timings["tokenize_s"] = time.perf_counter() - t0
     work = plan(config, prepared)
+    if world.distributed:
+        work.summary["parallel"] = {
+            "mode": "member",
+            "processes": world.size,
+            "members_by_rank": [
+                member_share(config.members, World(r, world.size)) for r in range(world.size)
+            ],
+        }
+        work.description += (
+            f"; member-parallel across {world.size} processes (members {share} on this one)"
+        )
     say(work.description)
     if dry_run:
         return ScoreResult(
@@ -286,17 +376,18 @@ def score(
             prepared.source,
         )
     if not prepared.ok:
-        _no_row_scored(config, prepared, work, outdir)
+        _no_row_scored(config, prepared, work, outdir, world.main)
     if work.ensemble:
         records, counted, extra = _score_ensemble(
-            config, model, tok, prepared, work, outdir, say, progress, stop_after, timings
-        )
+            config, model, tok, prepared, work, outdir, say, progress, stop_after, timings,
+            world, share,
+        )  # fmt: skip
     else:
         records, counted, extra = score_forward(config, model, tok, prepared, work, timings)
     timings["total_s"] = time.perf_counter() - t_start
     run = {**run_summary(config, prepared.source, work.summary, timings, counted, model), **extra}
     run["rows_fingerprint"] = rows_fingerprint(prepared.rows)
-    if outdir:
+    if outdir and world.main:
         write_outputs(outdir, records, run)
     return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
 
@@ -316,9 +407,11 @@ def _mark_non_finite(
         prepared.rows[ok[j]].status = f"gradient norm not finite at epochs {needed}"
 
 
-def _no_row_scored(config: ScoreConfig, prepared: Prepared, work: Plan, outdir: str | None):
-    """Write every row's status (when there is a folder), then raise."""
-    if outdir:
+def _no_row_scored(
+    config: ScoreConfig, prepared: Prepared, work: Plan, outdir: str | None, main: bool = True
+):
+    """Write every row's status (when there is a folder; rank 0), then raise."""
+    if outdir and main:
         meta = row_meta(prepared.rows, prepared.encoded)
         run = {
             "config": dataclasses.asdict(config),
@@ -343,26 +436,36 @@ def _empty_inputs(config: ScoreConfig) -> dict[str, Any]:
     return {"early_sq": empty, "late_sq": None if config.method == "grand" else empty}
 
 
-def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, stop_after, timings):
-    """Train the ensemble through the plan; records from the early and late norms."""
+def _score_ensemble(
+    config, model, tok, prepared, work, outdir, say, progress, stop_after, timings,
+    world=WORLD, share=None,
+):  # fmt: skip
+    """Train the ensemble (this process's ``share`` of the members) through the plan;
+    records from every member's early and late norms (gathered from every process)."""
     from gradfilter.method.ensemble import LoRAEnsemble
 
+    share = list(range(config.members)) if share is None else share
+    seeds = [config.seed + m for m in range(config.members)]
     torch.manual_seed(config.seed)
     ens = LoRAEnsemble(
         model,
-        members=config.members,
+        members=len(share),
         r=config.rank,
         alpha=config.alpha,
         dropout=config.dropout,
         target_modules=config.targets,
         seed=config.seed,
+        member_seeds=[seeds[m] for m in share],
         layers_from=config.lora_layers_from,
         prefix_cache=config.prefix_cache,
     )
-    if outdir:
-        os.makedirs(outdir, exist_ok=True)
+    ens.fold_members = config.members  # chunks sized as in one process
     identity = run_identity(config, prepared.rows, prepared.encoded, model, tok)
+    agree(world, "the settings, rows and proxy", fingerprint(identity))
+    if world.distributed:
+        identity["processes"] = {"world_size": world.size, "members": share}
     ok = prepared.ok
+    diverged = None
     try:
         loop = EnsembleRun(
             config,
@@ -375,21 +478,30 @@ def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, s
             outdir,
             identity,
             say,
-            progress,
+            progress and world.main,
+            world=world,
+            all_seeds=seeds,
         )
         state = loop.run(stop_after)
     except TrainingDiverged as e:
-        for i in prepared.ok:  # every row still gets its status
-            prepared.rows[i].status = f"not scored: {e}"
-        prepared.encoded = [None] * len(prepared.encoded)
-        _no_row_scored(config, prepared, work, outdir)
+        diverged = str(e)
     finally:
         ens.remove()  # the proxy is left without hooks, whatever happened
+    if world.distributed:
+        parts = gather(world, (diverged, None if diverged else state.shareable()))
+        diverged = next((d for d, _ in parts if d), None)
+        if diverged is None:
+            state = RunState.merged([p for _, p in parts])
+    if diverged is not None:
+        for i in prepared.ok:  # every row still gets its status
+            prepared.rows[i].status = f"not scored: {diverged}"
+        prepared.encoded = [None] * len(prepared.encoded)
+        _no_row_scored(config, prepared, work, outdir, world.main)
     timings["train_s"], timings["snapshot_s"] = state.train_s, state.snapshot_s
     _mark_non_finite(prepared, config, state.trajectory["sq"], work.norm_epochs)
     meta = row_meta(prepared.rows, prepared.encoded)
     records = records_from_trajectory(meta, ok, config, state.trajectory["sq"], work.norm_epochs)
-    if outdir:
+    if outdir and world.main:
         write_norms(
             outdir,
             state.trajectory,
@@ -404,7 +516,7 @@ def _score_ensemble(config, model, tok, prepared, work, outdir, say, progress, s
         "seconds": state.train_s + state.snapshot_s,
     }
     extra: dict[str, Any] = {
-        "member_seeds": ens.member_seeds,
+        "member_seeds": seeds,
         "final_losses": state.losses[-1][2] if state.losses else None,
     }
     if ens.prefix_cache is not None:

@@ -23,6 +23,35 @@ from gradfilter.run.config import ScoreConfig
 from gradfilter.run.records import NORMS_FILE, RUN_FILE, SCORES_FILE
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: A process's checkpoint in a run across ``size`` processes (torchrun).
+RANK_CHECKPOINT = "checkpoint-rank{rank}-of-{size}.pt"
+
+
+def checkpoint_file(rank: int = 0, size: int = 1) -> str:
+    """The checkpoint's file name for process ``rank`` of ``size``."""
+    return CHECKPOINT_FILE if size == 1 else RANK_CHECKPOINT.format(rank=rank, size=size)
+
+
+def checkpoints_in(outdir: str) -> list[str]:
+    """The checkpoint files (of any number of processes) in ``outdir``."""
+    try:
+        names = os.listdir(outdir)
+    except OSError:
+        return []
+    return sorted(
+        n
+        for n in names
+        if n == CHECKPOINT_FILE or (n.startswith("checkpoint-rank") and n.endswith(".pt"))
+    )
+
+
+def fingerprint(value: Any) -> str:
+    """A short hash of a JSON-able value (e.g. a run identity)."""
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 TRAJECTORY_KEYS = ("sq", "sq_a", "sq_b", "visit_step")
 
 
@@ -63,6 +92,36 @@ class RunState:
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.trajectory.items()
         }
         return d
+
+    def shareable(self) -> dict[str, Any]:
+        """The state as plain values and arrays, to send to another process."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def merged(cls, parts: list[dict[str, Any]]) -> RunState:
+        """One state from the :meth:`shareable` states of processes that each ran a
+        share of the members (in member order) over the same steps: trajectories
+        and losses side by side, token counts added, times the longest."""
+        first = parts[0]
+        traj = {
+            k: np.concatenate([p["trajectory"][k] for p in parts], axis=1)
+            for k in first["trajectory"]
+        }
+        losses = [
+            [step[0], step[1], [x for p in parts for x in p["losses"][i][2]]]
+            for i, step in enumerate(first["losses"])
+        ]
+        return cls(
+            **{
+                **{k: v for k, v in first.items() if k not in ("trajectory", "losses")},
+                "tokens": sum(p["tokens"] for p in parts),
+                "padded": sum(p["padded"] for p in parts),
+                "train_s": max(p["train_s"] for p in parts),
+                "snapshot_s": max(p["snapshot_s"] for p in parts),
+                "losses": losses,
+                "trajectory": traj,
+            }
+        )
 
     @classmethod
     def from_checkpoint(cls, d: dict[str, Any]) -> RunState:
@@ -170,12 +229,13 @@ RUN_OUTPUTS = (
 )
 
 
-def claim_outdir(outdir: str, config: ScoreConfig, force: bool) -> None:
+def claim_outdir(outdir: str, config: ScoreConfig, force: bool, processes: int = 1) -> None:
     """Check that ``outdir`` can hold this run, before any work is done.
 
     It must be a folder we can write (created if missing).  One run per folder: a
-    folder whose ``run.json`` or checkpoint belongs to other settings is refused
-    unless ``force``, which removes the old outputs."""
+    folder whose ``run.json`` or checkpoint belongs to other settings, or whose
+    checkpoints were written by another number of processes, is refused unless
+    ``force``, which removes the old outputs."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise ValueError(f"output folder {outdir} is an existing file; give a folder")
     try:
@@ -209,8 +269,16 @@ def claim_outdir(outdir: str, config: ScoreConfig, force: bool) -> None:
             f"{outdir} holds the outputs of another run (method {previous.get('method')!r}, other "
             "settings); use another folder, or --force to replace them"
         )
+    mine = {checkpoint_file(r, processes) for r in range(processes)}
+    foreign = [n for n in checkpoints_in(outdir) if n not in mine]
+    if foreign and not force:
+        raise ValueError(
+            f"{outdir} holds checkpoints of a run with another number of processes "
+            f"({', '.join(foreign)}), and this run has {processes}; resume it with the same "
+            "number of processes (torchrun --nproc-per-node), or --force to start over"
+        )
     if force:
-        for name in RUN_OUTPUTS:
+        for name in [*RUN_OUTPUTS, *checkpoints_in(outdir)]:
             path = os.path.join(outdir, name)
             if os.path.exists(path):
                 os.remove(path)

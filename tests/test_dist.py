@@ -1,0 +1,156 @@
+"""Runs across processes (torchrun, gloo on CPU): the same scores and selection as
+one process, a resume with another number of processes refused, and the members'
+split."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gradfilter.io.models import tiny_llama, tiny_tokenizer
+from gradfilter.run.dist import World, member_share
+
+ROWS = [
+    {
+        "instruction": f"Add {i} and {i + 1}.",
+        "output": f"The sum of {i} and {i + 1} is {2 * i + 1}.",
+    }
+    for i in range(24)
+] + [{"instruction": "Say hi" * (k + 1), "output": "hi " * (3 * k + 1)} for k in range(16)]
+
+ARGS = [
+    "--rank", "2", "--alpha", "4", "--epochs", "2", "--batch-size", "4",
+    "--max-length", "96", "--lr", "5e-3", "--norms", "inflight", "--token-budget", "200",
+    "--no-progress", "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "members, size, expected",
+    [
+        (5, 1, [[0, 1, 2, 3, 4]]),
+        (5, 2, [[0, 1, 2], [3, 4]]),
+        (5, 3, [[0, 1], [2, 3], [4]]),
+        (4, 4, [[0], [1], [2], [3]]),
+    ],
+)
+def test_members_are_split_in_contiguous_shares(members, size, expected):
+    assert [member_share(members, World(r, size)) for r in range(size)] == expected
+
+
+def test_more_processes_than_members_is_refused():
+    with pytest.raises(ValueError, match="at most as many processes as members"):
+        member_share(2, World(0, 3))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    proxy = folder / "proxy"
+    tiny_llama(seed=0).save_pretrained(proxy)
+    tiny_tokenizer().save_pretrained(proxy)
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return folder, proxy, data
+
+
+def _gradfilter(args, nproc=None, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    launch = [sys.executable, "-m"]
+    if nproc:
+        launch += ["torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        launch += ["-m"]  # torchrun ... -m gradfilter
+    done = subprocess.run(
+        [*launch, "gradfilter", *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def _scores(out):
+    return [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_gives_the_single_process_scores(setup, nproc):
+    folder, proxy, data = setup
+    one = folder / "one"
+    if not (one / "scores.jsonl").exists():
+        _gradfilter(["score", str(data), "-o", str(one), "--proxy", str(proxy), *ARGS])
+    many = folder / f"many-{nproc}"
+    done = _gradfilter(
+        ["score", str(data), "-o", str(many), "--proxy", str(proxy), *ARGS], nproc=nproc
+    )
+    assert "member-parallel across" in done.stderr
+    a, b = _scores(one), _scores(many)
+    assert len(a) == len(b) == len(ROWS)
+    # Each member trains exactly as in one process (same batches, padding, chunks,
+    # dropout masks); the norm engine picks its reduction route from the lengths of
+    # the rows it is given, so a member's norms can differ in the last bits.
+    import numpy as np
+
+    ga = np.array([r["gsnr"] for r in a], dtype=float)
+    gb = np.array([r["gsnr"] for r in b], dtype=float)
+    np.testing.assert_allclose(gb, ga, rtol=1e-5)
+    assert [r["rank"] for r in a] == [r["rank"] for r in b]
+    run = json.loads((many / "run.json").read_text())
+    assert run["plan"]["parallel"]["processes"] == nproc
+    assert sorted(os.listdir(many)).count(f"checkpoint-rank0-of-{nproc}.pt") == 1
+    n1, n2 = np.load(one / "norms.npz"), np.load(many / "norms.npz")
+    np.testing.assert_allclose(n2["sq"], n1["sq"], rtol=1e-5)
+    assert np.array_equal(n1["visit_step"], n2["visit_step"])
+    # Resuming the folder with another number of processes is refused, not mixed.
+    again = _gradfilter(
+        ["score", str(data), "-o", str(many), "--proxy", str(proxy), *ARGS], check=False
+    )
+    assert again.returncode == 2
+    assert "another number of processes" in again.stderr
+
+
+def _killed_rank(rank, size, port, data, out, proxy):
+    """One process of a run stopped (as if killed) after two training steps."""
+    os.environ.update(
+        WORLD_SIZE=str(size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    from gradfilter.run.score import ScoreConfig, score
+
+    config = ScoreConfig(
+        proxy=str(proxy), rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3,
+        norms="inflight", token_budget=200, device="cpu",
+    )  # fmt: skip
+    try:
+        score(str(data), str(out), config, progress=False, log=lambda s: None, stop_after=3)
+    except KeyboardInterrupt:
+        return
+
+
+def test_a_killed_torchrun_run_resumes_to_the_same_scores(setup):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder, proxy, data = setup
+    out = folder / "killed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_killed_rank, args=(2, port, data, out, proxy), nprocs=2, join=True)
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == [
+        "checkpoint-rank0-of-2.pt",
+        "checkpoint-rank1-of-2.pt",
+    ]
+    assert not (out / "scores.jsonl").exists()
+    done = _gradfilter(["score", str(data), "-o", str(out), "--proxy", str(proxy), *ARGS], nproc=2)
+    assert "resuming from" in done.stderr
+    full = folder / "many-2"
+    if not (full / "scores.jsonl").exists():
+        _gradfilter(["score", str(data), "-o", str(full), "--proxy", str(proxy), *ARGS], nproc=2)
+    assert _scores(out) == _scores(full)
