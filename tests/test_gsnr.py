@@ -406,3 +406,51 @@ def test_select_bad_direction_and_shape() -> None:
         select_top(SC, top_k=1, higher_is_better=SCORES["late_var"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="1-D"):
         select_top(np.ones((2, 2)), top_k=1)
+
+
+def test_length_level_by_hand() -> None:
+    """Fewer than 40 rows: one bin, the score is the median level minus the row's."""
+    late = np.array([[1.0, 4.0], [2.0, 2.0], [8.0, 8.0]])
+    early = np.ones_like(late)
+    lengths = np.array([5, 50, 500])
+    comp = gsnr_components(early, late, GSNRConfig(formula="length_level", eps=1e-300), lengths)
+    level = np.log(late).mean(axis=1)  # log 2, log 2, log 8
+    np.testing.assert_allclose(comp["gsnr"], np.median(level) - level)
+    assert comp["gsnr"][2] < comp["gsnr"][0] == comp["gsnr"][1] == 0.0
+
+
+def test_length_level_compares_rows_within_their_length_bin() -> None:
+    """40 rows, two bins by length: a shared level per bin (norms that grow with
+    length) is removed, so only the within-bin difference ranks the rows."""
+    n = 40
+    lengths = np.r_[np.full(20, 10.0), np.full(20, 200.0)]
+    base = np.where(lengths < 100, 1.0, 100.0)  # long rows: a 100x larger norm
+    own = np.tile(np.r_[np.full(10, 1.0), np.full(10, 3.0)], 2)  # half of each bin 3x
+    late = (base * own)[:, None] * np.ones((n, 3))
+    comp = gsnr_components(np.ones_like(late), late, GSNRConfig(formula="length_level"), lengths)
+    g = comp["gsnr"]
+    low, high = own == 1.0, own == 3.0
+    assert np.allclose(g[low], g[low][0]) and np.allclose(g[high], g[high][0])
+    assert g[low][0] > g[high][0]  # lower norm for its length ranks first, in both bins
+    # The raw level would rank every short row above every long one instead.
+    assert comp["late_mean"][lengths < 100].max() < comp["late_mean"][lengths > 100].min()
+
+
+def test_length_level_is_scale_free_and_skips_nan_rows() -> None:
+    rng = np.random.default_rng(0)
+    late = rng.uniform(0.5, 2.0, size=(60, 4))
+    late[7] = np.nan
+    lengths = rng.integers(5, 300, size=60)
+    cfg = GSNRConfig(formula="length_level", eps=1e-300)
+    a = gsnr_components(np.ones_like(late), late, cfg, lengths)["gsnr"]
+    b = gsnr_components(np.ones_like(late), late * 37.0, cfg, lengths)["gsnr"]
+    assert np.isnan(a[7]) and np.isnan(b[7])
+    np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_length_level_needs_lengths() -> None:
+    late = np.ones((3, 2))
+    with pytest.raises(ValueError, match="needs the rows' lengths"):
+        gsnr_components(late, late, GSNRConfig(formula="length_level"))
+    with pytest.raises(ValueError, match="one entry per row"):
+        gsnr_components(late, late, GSNRConfig(formula="length_level"), [1, 2])

@@ -43,8 +43,20 @@ def kinds_of(run: str) -> list[str | None]:
         return [json.loads(line).get("kind") for line in f]
 
 
+def lengths_of(run: str, norms: dict) -> np.ndarray:
+    """Every row's response tokens: from ``norms.npz`` (``rows``) or, for a norms file
+    written before the rows' fields were stored in it, from ``gsnr/scores.jsonl``."""
+    if "rows" in norms:
+        rows = json.loads(str(norms["rows"]))
+    else:
+        with open(os.path.join(run, "gsnr", "scores.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+    return np.array([r["n_response_tokens"] or 0 for r in rows], dtype=np.float64)
+
+
 def load(run: str) -> tuple[dict, np.ndarray, int]:
     norms = read_norms(os.path.join(run, "gsnr"))
+    norms["lengths"] = lengths_of(run, norms)
     with open(os.path.join(run, "labels.jsonl"), encoding="utf-8") as f:
         corrupted = np.array([json.loads(line)["corrupted"] for line in f], dtype=bool)
     with open(os.path.join(run, "gsnr", "run.json"), encoding="utf-8") as f:
@@ -90,7 +102,10 @@ def candidates(runs: list[str]) -> dict:
                 continue
             es = norms["sq"][ok][:, :, epochs.index(e)]
             ls = norms["sq"][ok][:, :, epochs.index(e + 1)]
-            scores = {f: gsnr_components(es, ls, GSNRConfig(formula=f))["gsnr"] for f in FORMULAS}
+            n = norms["lengths"][ok]
+            scores = {
+                f: gsnr_components(es, ls, GSNRConfig(formula=f), n)["gsnr"] for f in FORMULAS
+            }
             scores.update({name: fn(es, ls) for name, fn in PARTS.items()})
             for f, values in scores.items():
                 full = np.full(len(corrupted), np.nan)

@@ -129,6 +129,8 @@ def trajectory_scores(
     early_sq = norms["sq"][ok][:, :, epochs.index(early or score_cfg.early)]
     late_sq = norms["sq"][ok][:, :, epochs.index(late or score_cfg.late)]
     n = norms["sq"].shape[0]
+    rows = json.loads(str(norms["rows"])) if "rows" in norms else None
+    lengths = None if rows is None else [rows[i]["n_response_tokens"] or 0 for i in ok]
 
     def full(x: np.ndarray) -> np.ndarray:
         out = np.full(n, np.nan)
@@ -138,7 +140,9 @@ def trajectory_scores(
     out: dict[str, np.ndarray] = {}
     for f in formulas:
         cfg = dataclasses.replace(score_cfg, formula=f).gsnr_config()
-        comp = gsnr_components(early_sq, late_sq, cfg)
+        if f == "length_level" and lengths is None:
+            continue  # a norms file written before the rows' fields were stored in it
+        comp = gsnr_components(early_sq, late_sq, cfg, lengths)
         out[f"gsnr:{f}"] = full(comp["gsnr"])
     out.update(
         drop=full(comp["drop"]),

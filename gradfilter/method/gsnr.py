@@ -67,6 +67,23 @@ unchanged when all squared norms are multiplied by one factor per snapshot:
   (larger first) and ``rank(c)`` (smaller first), each scaled to ``[0, 1]``
   (``1`` = best); ties take their mean rank.
 
+Length-centred level
+--------------------
+``formula="length_level"`` uses neither the drop nor the spread but the level of
+the late norm, compared with rows of the same length.  With ``n_i`` the row's
+response tokens and
+
+.. math::
+
+    L_i = \frac{1}{M} \sum_{m=1}^{M} \log\left(\lVert g_i^{(m,t)} \rVert^2 + \epsilon\right),
+
+the scored rows are cut into ``k = max(1, min(10, N // 20))`` quantile bins of
+``log n_i`` and the score is ``median(L of the row's bin) - L_i``: a norm lower
+than is usual for the row's length ranks first.  The per-example norm of a mean
+token loss depends strongly on the number of tokens, which hides the row's own
+signal in the raw level; within a length bin it shows.  It is scale-free (one
+factor on every norm cancels) and needs the rows' lengths (``lengths``).
+
 With one member ``c_i = 0`` for every row, so ``log_cv`` and ``rank`` order by
 ``ell`` alone and ``snr_cv`` by ``ell / c0``.  NaN rows stay NaN and are left
 out of the cohort median and of the ranks.
@@ -99,7 +116,10 @@ from gradfilter.method.registry import SCORES as _SCORES
 
 DROPS = ("normalized", "log_ratio", "unnormalized")
 #: The G-SNR formulas (see the module docstring).
-FORMULAS = ("paper", "log_cv", "snr_cv", "rank")
+FORMULAS = ("paper", "log_cv", "snr_cv", "rank", "length_level")
+#: Bins of ``length_level``: at most this many, with at least ``LEVEL_BIN_ROWS`` rows each.
+LEVEL_BINS = 10
+LEVEL_BIN_ROWS = 20
 #: Floor added to the coefficient of variation in the scale-free formulas.
 CV_FLOOR = 1e-3
 SPREADS = ("var", "std")
@@ -186,6 +206,7 @@ def gsnr_components(
     early_sq: np.ndarray,
     late_sq: np.ndarray,
     config: GSNRConfig = GSNRConfig(),
+    lengths: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     r"""Per-example quantities of the G-SNR formula.
 
@@ -201,6 +222,8 @@ def gsnr_components(
             (float64; a NaN row marks an example that could not be scored).
         late_sq: ``[N, M]`` squared gradient norms at the late snapshot.
         config: formula variant.
+        lengths: ``[N]`` response tokens of each example; needed by
+            ``formula="length_level"`` only.
 
     Returns:
         Dict with keys ``early_mean``, ``late_mean``, ``drop``, ``late_var``,
@@ -244,6 +267,8 @@ def gsnr_components(
         cv = late.std(axis=1) / (g_t + eps)
         if config.formula == "paper":
             gsnr = drop / (spread + eps)
+        elif config.formula == "length_level":
+            gsnr = length_level(np.log(late + eps).mean(axis=1), _as_lengths(lengths, n))
         else:
             gsnr = _scale_free(config.formula, np.log(g_s + eps) - np.log(g_t + eps), cv)
     out = {
@@ -271,6 +296,36 @@ def _scale_free(formula: str, log_drop: np.ndarray, cv: np.ndarray) -> np.ndarra
         out[ok] = ell / (c + CV_FLOOR)
     else:  # rank
         out[ok] = 0.5 * (_unit_rank(ell) + _unit_rank(-c))
+    return out
+
+
+def _as_lengths(lengths: object, n: int) -> np.ndarray:
+    if lengths is None:
+        raise ValueError("formula 'length_level' needs the rows' lengths (response tokens)")
+    arr = np.asarray(lengths, dtype=np.float64).reshape(-1)
+    if arr.shape != (n,):
+        raise ValueError(f"lengths must have one entry per row ({n}), got shape {arr.shape}")
+    return arr
+
+
+def length_level(level: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``median(level of the row's length bin) - level`` (module docstring); rows
+    with a NaN level or no positive length are NaN and in no bin."""
+    out = np.full(level.shape, np.nan)
+    ok = np.isfinite(level) & np.isfinite(lengths) & (lengths > 0)
+    n = int(ok.sum())
+    if not n:
+        return out
+    k = max(1, min(LEVEL_BINS, n // LEVEL_BIN_ROWS))
+    log_n = np.log(lengths[ok])
+    edges = np.quantile(log_n, np.linspace(0.0, 1.0, k + 1))
+    which = np.searchsorted(edges[1:-1], log_n, side="right")
+    lv = level[ok]
+    centred = np.empty(n)
+    for b in np.unique(which):
+        members = which == b
+        centred[members] = np.median(lv[members]) - lv[members]
+    out[ok] = centred
     return out
 
 

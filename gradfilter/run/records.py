@@ -95,7 +95,8 @@ def build_records(
     values = dict(values or {})
     comp: dict[str, np.ndarray] = {}
     if early_sq is not None and late_sq is not None:
-        comp = gsnr_components(early_sq, late_sq, config.gsnr_config())
+        lengths = [meta[i]["n_response_tokens"] or 0 for i in ok]
+        comp = gsnr_components(early_sq, late_sq, config.gsnr_config(), lengths)
         values.update({f"ablation.{k}": v for k, v in ablation_scores(comp).items()})
     elif early_sq is not None:
         values["early_mean"] = np.mean(early_sq, axis=1)
