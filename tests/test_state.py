@@ -384,3 +384,25 @@ def test_targets_are_checked_on_the_architecture_before_the_weights_load(tmp_pat
     config = ScoreConfig(**{**CFG, "proxy": str(folder), **change})
     with pytest.raises(ValueError, match=message):
         score(ROWS, None, config, progress=False, log=lambda s: None)
+
+
+def test_proxy_fingerprint_sees_a_change_of_any_weight():
+    from gradfilter.run.state import model_fingerprint
+
+    model, tok = tiny_gpt2(seed=0, n_embd=64), tiny_tokenizer()
+    before = model_fingerprint(model, tok)
+    with torch.no_grad():
+        w = next(p for p in model.parameters() if p.numel() > 10_000).view(-1)
+        w[w.numel() // 2] += 1e-3  # one value in the middle of a large tensor
+    assert model_fingerprint(model, tok) != before
+
+
+def test_checkpoint_identity_holds_the_package_version():
+    from gradfilter import __version__
+    from gradfilter.run.score import prepare
+    from gradfilter.run.state import run_identity
+
+    model, tok = proxy()
+    prepared = prepare(ROWS, ScoreConfig(**CFG), tok)
+    ident = run_identity(ScoreConfig(**CFG), prepared.rows, prepared.encoded, model, tok)
+    assert ident["version"] == __version__

@@ -144,15 +144,13 @@ def _hash_rows(rows: list[Any], encoded: list[Any]) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
-    """A hash of the proxy: every parameter's name, shape and dtype and the first
-    and last 4,096 of its values, and the tokenizer's class and vocabulary size.
-    Replacing the weights at the same path changes it."""
+    """A hash of the proxy: every parameter's name, shape, dtype and bytes, and the
+    tokenizer's class and vocabulary size.  Any change of a weight changes it
+    (about a second for a 135M-parameter proxy)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = torch.cat([flat[:4096], flat[-4096:]]).float().cpu().numpy()
         h.update(f"{name}\x1f{tuple(p.shape)}\x1f{p.dtype}\x1f".encode())
-        h.update(sample.tobytes())
+        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     h.update(f"{type(tokenizer).__name__}\x1f{len(tokenizer)}".encode())
     return h.hexdigest()[:16]
 
@@ -161,7 +159,10 @@ def run_identity(
     config: ScoreConfig, rows: list[Any], encoded: list[Any], model: torch.nn.Module, tokenizer: Any
 ) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed."""
+    from gradfilter import __version__
+
     return {
+        "version": __version__,
         "config": config.identity(),
         "rows": _hash_rows(rows, encoded),
         "proxy": model_fingerprint(model, tokenizer),
