@@ -146,7 +146,7 @@ def _hash_rows(rows: list[Any], encoded: list[Any]) -> str:
 def model_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
     """A hash of the proxy: every parameter's name, shape, dtype and bytes, and the
     tokenizer's class and vocabulary size.  Any change of a weight changes it
-    (about a second for a 135M-parameter proxy)."""
+    (sha256: about 0.75 s per 256 MB of weights on a loaded 2-core CPU)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(f"{name}\x1f{tuple(p.shape)}\x1f{p.dtype}\x1f".encode())
