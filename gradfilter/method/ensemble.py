@@ -32,6 +32,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from gradfilter.method import linear_ce
+from gradfilter.method.linear_ce import linear_cross_entropy
 from gradfilter.method.lora import (
     Adapter,
     adapter_key,
@@ -100,6 +102,10 @@ class LoRAEnsemble(nn.Module):
             p.requires_grad_(False)
         # Hugging Face causal LMs that take a tensor of positions for the LM head.
         self._keeps_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
+        # The model body and a plain linear head: the loss then runs on the body's
+        # hidden states, in chunks, without the full logits (see member_ce_sums).
+        # (A tuple, so that the body is not registered as a second child module.)
+        self._plain = plain_head(base_model)
 
         self.target_modules, self.layers_from, self._targets, self._layer_index = resolve_targets(
             base_model, target_modules, layers_from
@@ -176,19 +182,29 @@ class LoRAEnsemble(nn.Module):
 
         ``prefix_states`` ``[M * B, T, d]`` (the hidden states entering decoder
         block ``layers_from``, see :mod:`gradfilter.method.prefix`) starts the forward
-        at that block; ``input_ids`` then only give the shape."""
+        at that block; ``input_ids`` then only give the shape.
+        ``hidden_states_only=True`` runs the model body without the LM head and
+        returns its output (``last_hidden_state``)."""
         if input_ids.shape[0] % self.members:
             raise ValueError(
                 f"{input_ids.shape[0]} rows is not a multiple of {self.members} members; "
                 "fold a batch with LoRAEnsemble.fold"
             )
         prefix = kwargs.pop("prefix_states", None)
+        model = self.base
+        if kwargs.pop("hidden_states_only", False):
+            if self._plain[0] is None:
+                raise ValueError(
+                    f"{type(self.base).__name__} has no model body with a plain linear LM head "
+                    "on its last hidden state; run the full model"
+                )
+            model = self._plain[0]
         with self._folded(kwargs.pop("step_context", None)):
             if prefix is None:
-                return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return self._forward_from_prefix(input_ids, attention_mask, prefix, kwargs)
+                return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self._forward_from_prefix(model, input_ids, attention_mask, prefix, kwargs)
 
-    def _forward_from_prefix(self, input_ids, attention_mask, prefix, kwargs):
+    def _forward_from_prefix(self, model, input_ids, attention_mask, prefix, kwargs):
         from gradfilter.method.prefix import run_from_layer
 
         if not self.layers_from:
@@ -212,7 +228,7 @@ class LoRAEnsemble(nn.Module):
                 raise ValueError(
                     "a cached prefix assumes positions 0, 1, ... on real tokens (right padding)"
                 )
-        return run_from_layer(self.base, self.layers_from, prefix, attention_mask, **kwargs)
+        return run_from_layer(model, self.layers_from, prefix, attention_mask, **kwargs)
 
     def prefix_states(
         self,
@@ -258,10 +274,49 @@ class LoRAEnsemble(nn.Module):
         attention_mask: torch.Tensor,
         step_context: dict | None = None,
         prefix_states: torch.Tensor | None = None,
+        chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``([M], [M])``: each member's summed token cross-entropy over its block
         of folded rows, and its number of supervised tokens.  ``prefix_states``
-        ``[M * B, T, d]`` start the forward at block ``layers_from``."""
+        ``[M * B, T, d]`` start the forward at block ``layers_from``.
+
+        With a plain linear LM head the head and the loss run only on each row's
+        own supervised positions, ``chunk`` of them at a time (None:
+        :data:`gradfilter.method.linear_ce.CHUNK_TOKENS`; see
+        :func:`~gradfilter.method.linear_ce.linear_cross_entropy`): the
+        ``[tokens, vocab]`` logits are never formed."""
+        head = self._plain[1]
+        if head is None:
+            return self._member_ce_sums_full(
+                input_ids, labels, attention_mask, step_context, prefix_states
+            )
+        target = labels[:, 1:]
+        keep = target != -100  # [M * B, T - 1]: position t predicts labels[t + 1]
+        out = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            step_context=step_context,
+            prefix_states=prefix_states,
+            hidden_states_only=True,
+        )
+        hidden = out.last_hidden_state[:, :-1][keep]  # [K, d], supervised positions only
+        losses = linear_cross_entropy(
+            hidden,
+            head.weight,
+            target[keep],
+            head.bias,
+            reduction="none",
+            chunk=chunk or linear_ce.CHUNK_TOKENS,
+        )
+        rows_per_member = input_ids.shape[0] // self.members
+        member = keep.nonzero()[:, 0] // rows_per_member
+        sums = losses.new_zeros(self.members).index_add(0, member, losses)
+        count = keep.reshape(self.members, -1).sum(-1)
+        return sums, count
+
+    def _member_ce_sums_full(self, input_ids, labels, attention_mask, step_context, prefix_states):
+        """:meth:`member_ce_sums` through the model's own LM head (full logits)."""
         target = labels[:, 1:]
         kwargs = {}
         if self._keeps_logits:
@@ -331,3 +386,28 @@ class LoRAEnsemble(nn.Module):
             h.remove()
         self._hooks = []
         return self.base
+
+
+#: Config fields of models whose logits are not a plain linear map of the body's
+#: last hidden state (soft-capping, scaling): those keep their own LM head.
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def plain_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
+    """``(body, head)`` when ``model``'s logits are ``head(body(...).last_hidden_state)``
+    with a frozen ``nn.Linear`` head, else ``(None, None)``."""
+    prefix = getattr(model, "base_model_prefix", None)
+    body = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    config = getattr(model, "config", None)
+    transformed = any(getattr(config, k, None) not in (None, 1, 1.0) for k in _HEAD_TRANSFORMS)
+    if (
+        not isinstance(body, nn.Module)
+        or body is model
+        or type(head) is not nn.Linear
+        or transformed
+        or any(p.requires_grad for p in head.parameters())
+    ):
+        return None, None
+    return body, head
