@@ -193,3 +193,58 @@ def test_run_norms_unchanged_by_chunk_size(tmp_path, monkeypatch, norms):
             torch.testing.assert_close(
                 torch.tensor(a[0] + a[1]), torch.tensor(b[0] + b[1]), rtol=1e-4, atol=1e-12
             )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_norm_pass_equals_full_head(reduction):
+    ens = LoRAEnsemble(tiny_llama(dtype=torch.float64), members=2, r=2, alpha=4, seed=2)
+    with torch.no_grad():
+        for name, p in ens.adapters.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids, labels, mask = folded_batch(1, seed=4)
+    labels[0] = -100  # rows without labels (also the last): NaN either way
+    assert ens.has_hidden_state_loss
+    got = ens.per_example_grad_norms(ids, labels, mask, reduction=reduction)
+    plain = ens._plain
+    ens._plain = (None, None)  # the model's own head and full logits
+    try:
+        assert not ens.has_hidden_state_loss
+        want = ens.per_example_grad_norms(ids, labels, mask, reduction=reduction)
+    finally:
+        ens._plain = plain
+    assert torch.isnan(got[:, [0, 2]]).all() and torch.isnan(want[:, [0, 2]]).all()
+    keep = [1]
+    assert (got[:, keep] > 0).all()
+    torch.testing.assert_close(got[:, keep], want[:, keep], rtol=1e-10, atol=0)
+
+
+def test_adapters_save_their_shared_input_once():
+    """q, k and v read the same bfloat16 input: the backward keeps that input
+    itself, not a float32 copy per adapter; the gradients are unchanged."""
+    from gradfilter.norms.fused import StackedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 8, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    layers = [StackedLinear(torch.randn(2, 3, 8, generator=gen)) for _ in range(3)]
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = sum(lin(x) for lin in layers)
+    inputs = {s for s in saved if s[0] != torch.float32 or s[1] == x.untyped_storage().data_ptr()}
+    assert inputs == {(torch.bfloat16, x.untyped_storage().data_ptr())}
+    assert len(saved) == 6  # x and a weight per layer
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    gx, *gw = torch.autograd.grad(y, [x] + [lin.weight for lin in layers], g)
+    xf = x.detach().float().requires_grad_(True)
+    ref = sum(torch.einsum("mnd,mod->mno", xf.reshape(2, -1, 8), lin.weight) for lin in layers)
+    rx, *rw = torch.autograd.grad(ref.reshape(y.shape), [xf] + [lin.weight for lin in layers], g)
+    assert gx.dtype == torch.bfloat16
+    # bf16 input gradients summed over three layers: bf16 rounding of each term.
+    torch.testing.assert_close(gx.float(), rx, rtol=0.02, atol=0.02)
+    for a, b in zip(gw, rw, strict=True):
+        torch.testing.assert_close(a, b)

@@ -290,8 +290,6 @@ class LoRAEnsemble(nn.Module):
             return self._member_ce_sums_full(
                 input_ids, labels, attention_mask, step_context, prefix_states
             )
-        target = labels[:, 1:]
-        keep = target != -100  # [M * B, T - 1]: position t predicts labels[t + 1]
         out = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -300,20 +298,51 @@ class LoRAEnsemble(nn.Module):
             prefix_states=prefix_states,
             hidden_states_only=True,
         )
-        hidden = out.last_hidden_state[:, :-1][keep]  # [K, d], supervised positions only
+        losses, rows = self._token_losses(out.last_hidden_state, labels, chunk)
+        member = rows // (input_ids.shape[0] // self.members)
+        sums = losses.new_zeros(self.members).index_add(0, member, losses)
+        count = (labels[:, 1:] != -100).reshape(self.members, -1).sum(-1)
+        return sums, count
+
+    @property
+    def has_hidden_state_loss(self) -> bool:
+        """Whether the loss can run on the body's hidden states (a plain linear head);
+        the norm engine then calls :meth:`summed_example_losses`."""
+        return self._plain[1] is not None
+
+    def summed_example_losses(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        counts: torch.Tensor,
+        reduction: str,
+        chunk: int | None = None,
+    ) -> torch.Tensor:
+        """``sum_i L_i`` over the rows of ``hidden`` ``[N, T, d]`` (the body's last
+        hidden states) with the causal shift: the token cross-entropy of each row,
+        divided by its ``counts`` for ``reduction="mean"``; rows without labels weigh 0."""
+        losses, rows = self._token_losses(hidden, labels, chunk)
+        if reduction == "mean":
+            losses = losses / counts.clamp(min=1).to(losses.dtype)[rows]
+        return losses.sum() if losses.numel() else hidden.sum() * 0.0
+
+    def _token_losses(
+        self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([K], [K])``: the cross-entropy at each supervised position of ``hidden``
+        ``[N, T, d]`` (position t predicts ``labels[:, t + 1]``), and its row."""
+        head = self._plain[1]
+        target = labels[:, 1:]
+        keep = target != -100  # [N, T - 1]
         losses = linear_cross_entropy(
-            hidden,
+            hidden[:, :-1][keep],  # [K, d]: supervised positions only
             head.weight,
             target[keep],
             head.bias,
             reduction="none",
             chunk=chunk or linear_ce.CHUNK_TOKENS,
         )
-        rows_per_member = input_ids.shape[0] // self.members
-        member = keep.nonzero()[:, 0] // rows_per_member
-        sums = losses.new_zeros(self.members).index_add(0, member, losses)
-        count = keep.reshape(self.members, -1).sum(-1)
-        return sums, count
+        return losses, keep.nonzero()[:, 0]
 
     def _member_ce_sums_full(self, input_ids, labels, attention_mask, step_context, prefix_states):
         """:meth:`member_ce_sums` through the model's own LM head (full logits)."""

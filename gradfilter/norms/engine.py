@@ -335,17 +335,27 @@ class _Pass:
         """The recorded forward and the backward of ``sum_i L_i`` (the hooks reduce);
         ``shape`` is ``(batch, tokens)`` of the input ids."""
         bsz, seq = shape
+        # A model that takes its loss from its last hidden states (the LM head in
+        # chunks, without the [tokens, vocab] logits; LoRAEnsemble) says so.
+        hidden_loss = getattr(self.model, "summed_example_losses", None)
+        if not getattr(self.model, "has_hidden_state_loss", False):
+            hidden_loss = None
         self.recording = True
         with torch.enable_grad():
-            output = self.model(**inputs)
-            self.recording = False
-            logits = _logits_of(output)
-            if logits.shape[:2] != (bsz, seq):
-                raise ValueError(
-                    f"model returned logits of shape {tuple(logits.shape)}, expected "
-                    f"[{bsz}, {seq}, vocab]"
-                )
-            loss = _summed_example_losses(logits, labels, counts, reduction)
+            if hidden_loss is not None:
+                output = self.model(**inputs, hidden_states_only=True)
+                self.recording = False
+                loss = hidden_loss(output.last_hidden_state, labels, counts, reduction)
+            else:
+                output = self.model(**inputs)
+                self.recording = False
+                logits = _logits_of(output)
+                if logits.shape[:2] != (bsz, seq):
+                    raise ValueError(
+                        f"model returned logits of shape {tuple(logits.shape)}, expected "
+                        f"[{bsz}, {seq}, vocab]"
+                    )
+                loss = _summed_example_losses(logits, labels, counts, reduction)
             for job in self.jobs:
                 for state in job.ruled.values():
                     state.expected += len(job.calls)

@@ -97,7 +97,7 @@ class StackedMatmul(torch.autograd.Function):
         part: str | None = None,
     ) -> torch.Tensor:
         members = weight.shape[0]
-        y = torch.bmm(_member_blocks(x, members), weight.transpose(1, 2))
+        y = torch.bmm(_member_blocks(x.to(weight.dtype), members), weight.transpose(1, 2))
         return y.reshape(*x.shape[:-1], weight.shape[1])
 
     @staticmethod
@@ -115,8 +115,9 @@ class StackedMatmul(torch.autograd.Function):
         gy = _member_blocks(grad_y, members)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(gy, weight).reshape(x.shape)
+            grad_x = torch.bmm(gy, weight).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
+            x = x.to(weight.dtype)  # x is saved in its own dtype (see forward)
             rec = ctx.recorder
             if rec is None:
                 grad_w = torch.bmm(gy.transpose(1, 2), _member_blocks(x, members))
@@ -181,7 +182,8 @@ class StackedMatmul(torch.autograd.Function):
         rows = xs.shape[1]
         if rows % members:
             raise ValueError(f"{rows} rows cannot be split between {members} members")
-        y = torch.einsum("vmki,vmoi->vmko", xs.reshape(size, members, -1, xs.shape[-1]), ws)
+        folded = xs.to(ws.dtype).reshape(size, members, -1, xs.shape[-1])
+        y = torch.einsum("vmki,vmoi->vmko", folded, ws)
         return y.reshape(*xs.shape[:-1], ws.shape[2]), 0
 
 
@@ -209,4 +211,6 @@ class StackedLinear(nn.Module):
         m = self.members
         if x.shape[0] % m:
             raise ValueError(f"{x.shape[0]} rows cannot be split between {m} members")
-        return StackedMatmul.apply(x.to(self.weight.dtype), self.weight, recorder, self.part)
+        # x goes in its own dtype: the matmul casts it, and the backward keeps x
+        # itself, shared by the adapters that read the same input, not a cast copy each.
+        return StackedMatmul.apply(x, self.weight, recorder, self.part)

@@ -1,0 +1,207 @@
+"""What a run must hold in memory, and the token budget that fits the machine.
+
+:func:`memory_model` writes down, from the proxy's shapes, the bytes a folded
+pass needs:
+
+* ``weights``: the proxy's parameters (held all run);
+* ``adapters``: the stacked LoRA factors, their gradients and AdamW's two
+  moments (float32; four copies);
+* ``fixed``: what a pass holds whatever its length: one chunk of the LM head's
+  float32 logits and their softmax (:mod:`gradfilter.method.linear_ce`);
+* ``train_per_token`` / ``norm_per_token``: per folded token (a token of one
+  member's row), what autograd saves for the backward, layer by layer (below),
+  plus the transient gradients of the backward; the norm pass (an eval-mode
+  pass of the norm engine) keeps each adapted layer's output gradient too and
+  forms the full logits (``[tokens, vocab]``, model dtype, and a float32 copy
+  of the supervised positions).
+
+Per decoder layer and token, with ``d`` the width, ``f`` the MLP width, ``kv``
+the key/value width, ``e`` the model's bytes per element: two norms keep their
+input and a float32 copy (``2 d (e + 4)``); attention keeps q, k, v and its
+output (``(2 d + 2 kv) e``); the MLP keeps gate, up and the activation
+(``3 f e``); each adapted layer keeps its input in float32 and, in training, its
+dropout mask (``d_in (4 + e)``) and its rank-r hidden state.  A transient
+allowance of ``2 f + 4 d`` float32 covers the gradients in flight.
+
+:func:`auto_token_budget` turns the model and the memory at hand (host:
+``MemAvailable`` of ``/proc/meminfo``; CUDA: ``torch.cuda.mem_get_info``) into a
+token budget, keeping a safety fraction free.  ``benchmarks/bench_memory.py``
+measures the peaks this model predicts and reports measured / model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Share of the available memory a run may plan to use.
+SAFETY_FRACTION = 0.6
+#: The smallest token budget worth running (one short row per member).
+MIN_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes a run holds (see the module doc); all integers."""
+
+    weights: int
+    adapters: int
+    fixed: int
+    train_per_token: int
+    norm_per_token: int
+
+    @property
+    def per_token(self) -> int:
+        """The larger of the two per-token costs: a budget must fit both passes."""
+        return max(self.train_per_token, self.norm_per_token)
+
+    def training_bytes(self, tokens: int) -> int:
+        """Peak of a training step over ``tokens`` folded tokens (weights included)."""
+        return self.weights + self.adapters + self.fixed + self.train_per_token * tokens
+
+    def norm_pass_bytes(self, tokens: int) -> int:
+        """Peak of a snapshot norm pass over ``tokens`` folded tokens (weights included)."""
+        return self.weights + self.adapters + self.fixed + self.norm_per_token * tokens
+
+
+def _size(config: Any, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if default is None:
+        raise ValueError(f"the model config has none of {names}; cannot size its memory")
+    return default
+
+
+def memory_model(
+    model: nn.Module,
+    members: int,
+    rank: int,
+    targets: Any = None,
+    *,
+    dropout: bool = True,
+    chunk: int | None = None,
+) -> MemoryModel:
+    """The :class:`MemoryModel` of an ensemble of ``members`` rank-``rank`` adapters
+    on ``targets`` (as :class:`gradfilter.LoRAEnsemble` takes them) of ``model``."""
+    from gradfilter.method import linear_ce
+    from gradfilter.method.lora import default_targets, in_out, match_targets
+
+    config = getattr(model, "config", None)
+    d = _size(config, "hidden_size", "n_embd", "d_model")
+    layers = _size(config, "num_hidden_layers", "n_layer", "num_layers")
+    f = _size(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * d)
+    heads = _size(config, "num_attention_heads", "n_head", default=1)
+    kv = d * _size(config, "num_key_value_heads", default=heads) // heads
+    vocab = _size(config, "vocab_size")
+    param = next(model.parameters())
+    e = param.element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    matched = match_targets(model, targets if targets is not None else default_targets(model))
+    shapes = [in_out(m) for _, m in matched]
+    a = 8 if param.dtype == torch.float64 else 4  # adapters' bytes per element
+    adapters = 4 * members * rank * sum(i + o for i, o in shapes) * a
+    per_adapted = sum(i * (a + (e if dropout else 0)) + 2 * rank * a for i, _ in shapes)
+    per_layer = 2 * d * (e + 4) + (2 * d + 2 * kv) * e + 3 * f * e
+    transient = (2 * f + 4 * d) * 4
+    final = d * (e + 4) + d * 4  # the final norm, and the hidden-state gradient of the loss
+    train = layers * per_layer + per_adapted + transient + final
+    grads = sum(o for _, o in shapes) * e  # each adapted layer's output gradient
+    logits = vocab * (e + 4)
+    norm = layers * per_layer + sum(i * a + 2 * rank * a for i, _ in shapes)
+    norm += transient + grads + logits + d * (e + 4)
+    fixed = 2 * (chunk or linear_ce.CHUNK_TOKENS) * vocab * 4
+    return MemoryModel(weights, adapters, fixed, int(train), int(norm))
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes free for this process: ``torch.cuda.mem_get_info`` on a CUDA device,
+    else ``MemAvailable`` of ``/proc/meminfo``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise OSError("cannot read the available memory (/proc/meminfo); set --token-budget explicitly")
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """A token budget and how it was chosen (written to run.json)."""
+
+    token_budget: int
+    how: str  # "given" or "auto"
+    available_bytes: int | None = None
+    safety_fraction: float | None = None
+    device: str | None = None
+    model: dict | None = None
+
+    def describe(self) -> str:
+        if self.how == "given":
+            return f"token budget {self.token_budget} (given)"
+        return (
+            f"token budget {self.token_budget} (auto: {self.safety_fraction:.0%} of "
+            f"{self.available_bytes / 2**30:.1f} GiB available on {self.device}, "
+            f"{self.model['per_token'] / 1024:.0f} KiB per folded token)"
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def auto_token_budget(
+    model: nn.Module,
+    members: int,
+    rank: int,
+    targets: Any = None,
+    *,
+    max_length: int,
+    available: int | None = None,
+    safety: float = SAFETY_FRACTION,
+    dropout: bool = True,
+) -> BudgetChoice:
+    """The largest token budget whose passes fit ``safety`` of the available memory
+    (``available`` bytes; None: :func:`available_memory` of the model's device),
+    beyond what the process already holds (the loaded proxy).
+
+    Not below ``max_length`` when that fits (a run needs one full row per member
+    in a folded pass); a budget that cannot hold even ``MIN_TOKENS`` tokens is an
+    error.  Rows that do not fit the returned budget are for the caller to mark
+    (:func:`row_fits`)."""
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety fraction must be in (0, 1], got {safety}")
+    device = next(model.parameters()).device
+    if available is None:
+        available = available_memory(device)
+    mm = memory_model(model, members, rank, targets, dropout=dropout)
+    spare = safety * available - mm.adapters - mm.fixed
+    tokens = math.floor(spare / mm.per_token) if spare > 0 else 0
+    info = {**asdict(mm), "per_token": mm.per_token}
+    if tokens < MIN_TOKENS:
+        raise ValueError(
+            f"not enough memory for any folded pass: {available / 2**30:.2f} GiB available on "
+            f"{device.type}, {safety:.0%} of it usable, and the adapters, their optimiser and "
+            f"one pass of {MIN_TOKENS} tokens need "
+            f"{(mm.adapters + mm.fixed + MIN_TOKENS * mm.per_token) / 2**30:.2f} GiB; free "
+            "memory, use fewer --members, or set --token-budget"
+        )
+    # A multiple of 64, and no more than a full batch of the longest rows needs.
+    tokens = max(MIN_TOKENS, tokens // 64 * 64 if tokens >= 64 else tokens)
+    return BudgetChoice(tokens, "auto", int(available), safety, device.type, info)
+
+
+def row_fits(length: int, members: int, token_budget: int | None) -> bool:
+    """Whether one row of ``length`` tokens, folded over the members, fits the budget."""
+    return not token_budget or length * members <= token_budget
