@@ -82,7 +82,7 @@ def score_config_from_args(args: argparse.Namespace, **given: Any) -> ScoreConfi
     names = {f.name for f in dataclasses.fields(ScoreConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["snapshots"] = _snapshots(args.snapshots, args.epochs)
-    values["token_budget"] = args.token_budget or None
+    values["token_budget"] = args.token_budget
     return ScoreConfig(**{**values, **given})
 
 
@@ -265,7 +265,7 @@ def _add_score_training_args(p: argparse.ArgumentParser) -> None:
         default=D.token_budget,
         help="at most this many padded tokens in one folded forward/backward (all "
         "members): snapshot batches are cut, training steps accumulate "
-        "(0 = no limit; SmolLM2 in float32 peaks near 9 GB at 2048)",
+        "(default: sized from the available memory; 0 = no limit)",
     )
     p.add_argument("--max-length", type=int, default=D.max_length)
     p.add_argument("--seed", type=int, default=D.seed)

@@ -239,7 +239,9 @@ def _downstream(
                 idx.append(orders[k][cursors[k]])
                 cursors[k] += 1
             batches.append(pad_batch([pool_enc[i] for i in idx], pad_id))
-        ens.train_step(batches, opt, max_tokens=score_cfg.token_budget)
+        # None (sized per score run from the memory at hand): 2048 tokens here.
+        budget = score_cfg.token_budget if score_cfg.token_budget is not None else 2048
+        ens.train_step(batches, opt, max_tokens=budget)
         if step % cfg.eval_every == 0:
             say(f"downstream step {step}/{cfg.train_steps}")
     ens.remove()

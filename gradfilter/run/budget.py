@@ -142,15 +142,16 @@ class BudgetChoice:
     """A token budget and how it was chosen (written to run.json)."""
 
     token_budget: int
-    how: str  # "given" or "auto"
+    how: str  # "given", "auto" or "resumed" (the automatic budget of the interrupted run)
     available_bytes: int | None = None
     safety_fraction: float | None = None
     device: str | None = None
     model: dict | None = None
 
     def describe(self) -> str:
-        if self.how == "given":
-            return f"token budget {self.token_budget} (given)"
+        if self.how != "auto":
+            what = "no limit" if not self.token_budget else str(self.token_budget)
+            return f"token budget {what} ({self.how})"
         return (
             f"token budget {self.token_budget} (auto: {self.safety_fraction:.0%} of "
             f"{self.available_bytes / 2**30:.1f} GiB available on {self.device}, "
@@ -167,18 +168,15 @@ def auto_token_budget(
     rank: int,
     targets: Any = None,
     *,
-    max_length: int,
     available: int | None = None,
     safety: float = SAFETY_FRACTION,
     dropout: bool = True,
 ) -> BudgetChoice:
     """The largest token budget whose passes fit ``safety`` of the available memory
     (``available`` bytes; None: :func:`available_memory` of the model's device),
-    beyond what the process already holds (the loaded proxy).
-
-    Not below ``max_length`` when that fits (a run needs one full row per member
-    in a folded pass); a budget that cannot hold even ``MIN_TOKENS`` tokens is an
-    error.  Rows that do not fit the returned budget are for the caller to mark
+    beyond what the process already holds (the loaded proxy), rounded down to a
+    multiple of 64.  A budget that cannot hold even ``MIN_TOKENS`` tokens is an
+    error; rows that do not fit the returned budget are for the caller to mark
     (:func:`row_fits`)."""
     if not 0 < safety <= 1:
         raise ValueError(f"safety fraction must be in (0, 1], got {safety}")
@@ -197,11 +195,92 @@ def auto_token_budget(
             f"{(mm.adapters + mm.fixed + MIN_TOKENS * mm.per_token) / 2**30:.2f} GiB; free "
             "memory, use fewer --members, or set --token-budget"
         )
-    # A multiple of 64, and no more than a full batch of the longest rows needs.
-    tokens = max(MIN_TOKENS, tokens // 64 * 64 if tokens >= 64 else tokens)
+    tokens = tokens // 64 * 64 if tokens >= 64 else tokens  # a round number
     return BudgetChoice(tokens, "auto", int(available), safety, device.type, info)
 
 
 def row_fits(length: int, members: int, token_budget: int | None) -> bool:
     """Whether one row of ``length`` tokens, folded over the members, fits the budget."""
     return not token_budget or length * members <= token_budget
+
+
+def _resumed_budget(outdir: str | None, config: Any) -> int | None:
+    """The token budget of the interrupted run in ``outdir`` with these settings
+    (an automatic budget is chosen once per run, so that a resumed run keeps its
+    batches), or None."""
+    import os
+
+    from gradfilter.run.state import CHECKPOINT_FILE
+
+    path = os.path.join(outdir, CHECKPOINT_FILE) if outdir else None
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+        theirs = dict(ck["identity"]["config"])
+    except Exception:  # an unreadable checkpoint is refused later, with its message
+        return None
+    budget = theirs.pop("token_budget", None)
+    ours = config.identity()
+    ours.pop("token_budget", None)
+    return budget if theirs == ours and isinstance(budget, int) else None
+
+
+def choose_token_budget(
+    config: Any,
+    model: nn.Module,
+    prepared: Any,
+    outdir: str | None = None,
+    *,
+    available: int | None = None,
+    share: int | None = None,
+    agree: Any = None,
+) -> tuple[Any, BudgetChoice]:
+    """The run's token budget: ``config.token_budget`` when given (0: no limit),
+    else sized from the memory at hand (:func:`auto_token_budget`; ``available``
+    overrides the measured bytes), or taken from the interrupted run in ``outdir``.
+
+    With an automatic budget, a scorable row that does not fit it even alone
+    (its tokens times the members of a folded pass) gets a status saying so and
+    is not scored.  Returns the config with the budget filled in, and the choice.
+
+    Member-parallel runs: ``share`` members of the folded pass live in this
+    process (a pass of B tokens holds ``B * share / members`` here), and
+    ``agree`` maps this process's budget to the run's (the smallest over the
+    processes), so that every process cuts the same batches."""
+    import dataclasses
+
+    from gradfilter.method.registry import METHODS
+
+    if config.token_budget is not None:
+        return config, BudgetChoice(config.token_budget, "given")
+    ensemble = METHODS[config.method].kind == "ensemble"
+    members = config.members if ensemble else 1
+    largest = members * config.batch_size * config.max_length  # the largest pass of a run
+    resumed = _resumed_budget(outdir, config)
+    if resumed is not None:
+        choice = BudgetChoice(resumed, "resumed")
+    else:
+        here = min(share or members, members)
+        choice = auto_token_budget(
+            model,
+            here,
+            config.rank,
+            config.targets,
+            available=available,
+            dropout=config.dropout > 0,
+        )
+        tokens = min(largest, choice.token_budget * members // here)
+        if agree is not None:
+            tokens = int(agree(tokens))
+        choice = dataclasses.replace(choice, token_budget=tokens)
+    budget = choice.token_budget
+    for i, enc in enumerate(prepared.encoded):
+        if enc is not None and not row_fits(len(enc.input_ids), members, budget):
+            prepared.rows[i].status = (
+                f"too long for the memory at hand ({len(enc.input_ids)} tokens x {members} "
+                f"members > automatic token budget {budget}; score it with a shorter "
+                "--max-length, fewer --members or on a machine with more memory)"
+            )
+            prepared.encoded[i] = None
+    return dataclasses.replace(config, token_budget=budget), choice

@@ -42,8 +42,8 @@ class ScoreConfig:
     lr: float = 2e-4
     batch_size: int = 8
     # Padded tokens in one folded forward/backward (all members together); bounds
-    # memory: SmolLM2-135M in float32 peaks near 9 GB at 2048 and 17 GB at 4096.
-    token_budget: int | None = 2048
+    # memory.  None: sized from the memory at hand (gradfilter.run.budget); 0: no limit.
+    token_budget: int | None = None
     max_length: int = 512
     seed: int = 0
     template: str | None = None
@@ -76,7 +76,16 @@ class ScoreConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.token_budget is not None and self.token_budget < self.max_length:
+        if self.token_budget is not None and (
+            isinstance(self.token_budget, bool)
+            or not isinstance(self.token_budget, int)
+            or self.token_budget < 0
+        ):
+            raise ValueError(
+                f"token_budget must be an integer >= 0 (0: no limit) or None (sized from "
+                f"the memory at hand), got {self.token_budget!r}"
+            )
+        if self.token_budget and self.token_budget < self.max_length:
             # One row per member is the floor of a folded pass, whatever the budget.
             raise ValueError(
                 f"token_budget ({self.token_budget}) must be at least "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from gradfilter.method.registry import METHODS
+from gradfilter.run.budget import choose_token_budget
 from gradfilter.run.config import ScoreConfig
 from gradfilter.run.dist import (
     World,
@@ -354,6 +355,10 @@ def _score(
     t0 = time.perf_counter()
     prepared = prepare(data, config, tok)
     timings["tokenize_s"] = time.perf_counter() - t0
+    config, budget = choose_token_budget(
+        config, model, prepared, outdir, share=len(share) or None,
+        agree=lambda b: min(gather(world, b)),
+    )  # fmt: skip
     work = plan(config, prepared)
     if world.distributed:
         work.summary["parallel"] = {
@@ -366,7 +371,8 @@ def _score(
         work.description += (
             f"; member-parallel across {world.size} processes (members {share} on this one)"
         )
-    say(work.description)
+    work.summary["token_budget"] = budget.to_json()
+    say(f"{work.description}; {budget.describe()}")
     if dry_run:
         return ScoreResult(
             [],
@@ -386,6 +392,7 @@ def _score(
         records, counted, extra = score_forward(config, model, tok, prepared, work, timings)
     timings["total_s"] = time.perf_counter() - t_start
     run = {**run_summary(config, prepared.source, work.summary, timings, counted, model), **extra}
+    run["token_budget"] = budget.to_json()
     run["rows_fingerprint"] = rows_fingerprint(prepared.rows)
     if outdir and world.main:
         write_outputs(outdir, records, run)

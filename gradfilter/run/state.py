@@ -254,17 +254,7 @@ def claim_outdir(outdir: str, config: ScoreConfig, force: bool, processes: int =
         previous = read_run(outdir)
     except (FileNotFoundError, ValueError):
         pass
-    other = (
-        previous is not None
-        and ScoreConfig(
-            **{
-                k: v
-                for k, v in previous.get("config", {}).items()
-                if k in {f.name for f in dataclasses.fields(ScoreConfig)}
-            }
-        ).identity()
-        != config.identity()
-    )
+    other = previous is not None and _other_settings(previous.get("config", {}), config)
     if other and not force:
         raise ValueError(
             f"{outdir} holds the outputs of another run (method {previous.get('method')!r}, other "
@@ -283,3 +273,15 @@ def claim_outdir(outdir: str, config: ScoreConfig, force: bool, processes: int =
             path = os.path.join(outdir, name)
             if os.path.exists(path):
                 os.remove(path)
+
+
+def _other_settings(previous: dict, config: ScoreConfig) -> bool:
+    """Whether a run's recorded config belongs to other settings than ``config``; an
+    automatic token budget (None) matches whatever budget the run chose."""
+    names = {f.name for f in dataclasses.fields(ScoreConfig)}
+    theirs = ScoreConfig(**{k: v for k, v in previous.items() if k in names}).identity()
+    ours = config.identity()
+    if config.token_budget is None:
+        theirs.pop("token_budget", None)
+        ours.pop("token_budget")
+    return theirs != ours
