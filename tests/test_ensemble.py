@@ -53,7 +53,8 @@ def train(ens, rows, epochs=2, batch_size=4, lr=1e-2, data_seed=0, max_tokens=No
 def test_base_runs_once_per_batch(kind):
     ens = LoRAEnsemble(base(kind), members=4, r=2, alpha=4)
     calls = []
-    ens.base.register_forward_hook(
+    # The model body: the loss takes the LM head in chunks on its hidden states.
+    ens.base.base_model.register_forward_hook(
         lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
     )
     ids, labels, mask = make_batch([6, 4, 5], 6)
