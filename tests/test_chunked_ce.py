@@ -187,11 +187,11 @@ def test_run_norms_unchanged_by_chunk_size(tmp_path, monkeypatch, norms):
         )
         out[chunk] = [(r["early_sq"], r["late_sq"], r["gsnr"]) for r in res.records]
     # float32 model: the chunks change how the head's matmul is blocked, so the
-    # results agree to float32 rounding (not bitwise).
+    # results agree to float32 rounding, not bitwise (seen: at most 6e-7 relative).
     for chunk in (1, 3):
         for a, b in zip(out[chunk], out[10_000], strict=True):
             torch.testing.assert_close(
-                torch.tensor(a[0] + a[1]), torch.tensor(b[0] + b[1]), rtol=1e-4, atol=1e-12
+                torch.tensor(a[0] + a[1]), torch.tensor(b[0] + b[1]), rtol=1e-5, atol=1e-12
             )
 
 
