@@ -275,38 +275,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-lengths", default="256")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument(
+        "--settings", default=None, help="MEMBERS:MAX_LENGTH:BUDGET,... instead of the grid"
+    )
     ap.add_argument("--out", default="benchmarks/results/cpu-2core-memory.json")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
-    results = []
-    for max_length in [int(x) for x in args.max_lengths.split(",")]:
-        for members in [int(x) for x in args.members.split(",")]:
-            for budget in [int(x) for x in args.budgets.split(",")]:
-                spec = {
-                    "proxy": args.proxy,
-                    "dtype": args.dtype,
-                    "data": args.data,
-                    "rows": args.rows,
-                    "budget": max(budget, max_length),
-                    "members": members,
-                    "max_length": max_length,
-                    "batch_size": args.batch_size,
-                    "steps": args.steps,
-                }
-                t0 = time.perf_counter()
-                results.append(run_setting(spec))
-                print(
-                    f"members {members} max length {max_length} budget {budget}: "
-                    f"{time.perf_counter() - t0:.0f} s",
-                    file=sys.stderr,
-                )
-    text = table(results)
-    print(text)
+    if args.settings:  # MEMBERS:MAX_LENGTH:BUDGET,...
+        grid = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]
+    else:
+        grid = [
+            (members, max_length, budget)
+            for max_length in [int(x) for x in args.max_lengths.split(",")]
+            for members in [int(x) for x in args.members.split(",")]
+            for budget in [int(x) for x in args.budgets.split(",")]
+        ]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"machine": machine(), "results": results, "table": text}, f, indent=1)
+    results = []
+    for members, max_length, budget in grid:
+        spec = {
+            "proxy": args.proxy,
+            "dtype": args.dtype,
+            "data": args.data,
+            "rows": args.rows,
+            "budget": max(budget, max_length),
+            "members": members,
+            "max_length": max_length,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+        }
+        t0 = time.perf_counter()
+        results.append(run_setting(spec))
+        print(
+            f"members {members} max length {max_length} budget {budget}: "
+            f"{time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
+        text = table(results)
+        with open(args.out, "w", encoding="utf-8") as f:  # after every setting
+            json.dump({"machine": machine(), "results": results, "table": text}, f, indent=1)
+    print(text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
