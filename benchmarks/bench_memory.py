@@ -22,7 +22,9 @@ folded pass the phase ran; ``ratio`` = measured / model, where measured is the
 phase's peak minus the resident set before the proxy was loaded (Python, torch
 and the libraries).  ``saved_per_token``: the bytes autograd saved for the
 backward, per folded token, in the largest training chunk (unique storages,
-counted with ``torch.autograd.graph.saved_tensors_hooks``).
+counted with ``torch.autograd.graph.saved_tensors_hooks``).  ``--remodel FILE``
+recomputes the model and ratio columns of a results file from the current
+memory model, without measuring.
 """
 
 from __future__ import annotations
@@ -116,7 +118,6 @@ def child(spec: dict) -> dict:
     from gradfilter.io.data import pad_batch
     from gradfilter.method.ensemble import LoRAEnsemble
     from gradfilter.method.schedule import member_schedule, snapshot_batches
-    from gradfilter.run.budget import memory_model
     from gradfilter.run.config import ScoreConfig
     from gradfilter.run.records import records_from_trajectory, row_meta, write_outputs
     from gradfilter.run.score import _load_proxy, prepare
@@ -144,8 +145,6 @@ def child(spec: dict) -> dict:
     torch.manual_seed(0)
     ens = LoRAEnsemble(model, members=config.members, r=config.rank, alpha=config.alpha)
     opt = ens.make_optimizer(lr=config.lr)
-    mm = memory_model(model, config.members, config.rank, None)
-    out["memory_model"] = dataclasses.asdict(mm)
 
     def collate(idx):
         return pad_batch([enc[ok[j]] for j in idx], pad)
@@ -162,7 +161,6 @@ def child(spec: dict) -> dict:
             rows_per_chunk = max(1, min(len(step[0]), config.token_budget // (ens.members * seq)))
             folded = max(folded, ens.members * rows_per_chunk * seq)
     phases["train"]["folded_tokens"] = folded
-    phases["train"]["model"] = mm.training_bytes(folded)
     # Saved activations of one largest chunk (a separate forward, after the peak).
     step = steps[0]
     b = [collate(idx) for idx in step]
@@ -191,7 +189,6 @@ def child(spec: dict) -> dict:
             step_rows = max(1, min(len(idx), config.token_budget // (ens.members * ids.shape[1])))
             folded = max(folded, ens.members * step_rows * ids.shape[1])
     phases["norms"]["folded_tokens"] = folded
-    phases["norms"]["model"] = mm.norm_pass_bytes(folded)
     ens.remove()
 
     rng = np.random.default_rng(0)
@@ -200,12 +197,27 @@ def child(spec: dict) -> dict:
         meta = row_meta(prepared.rows, enc)
         records = records_from_trajectory(meta, ok, config, sq, [1, 2])
         write_outputs(tmp, records, {"config": dataclasses.asdict(config), "method": "gsnr"})
-    phases["load"]["model"] = mm.weights
-    phases["write"]["model"] = mm.weights + mm.adapters
-    base = out["baseline_rss"]
-    for rec in phases.values():
-        rec["ratio"] = (rec["peak_rss"] - base) / rec["model"] if rec.get("model") else None
+    add_model([out], model)
     return out
+
+
+def add_model(results: list[dict], model) -> None:
+    """Fill in each phase's ``model`` bytes and measured / model ``ratio`` from
+    :func:`gradfilter.run.budget.memory_model` (measured: the phase's peak above
+    the resident set before the proxy was loaded)."""
+    from gradfilter.run.budget import memory_model
+    from gradfilter.run.config import ScoreConfig
+
+    for r in results:
+        spec, phases = r["spec"], r["phases"]
+        mm = memory_model(model, spec["members"], ScoreConfig().rank, None)
+        r["memory_model"] = dataclasses.asdict(mm)
+        phases["load"]["model"] = mm.weights
+        phases["train"]["model"] = mm.training_bytes(phases["train"]["folded_tokens"])
+        phases["norms"]["model"] = mm.norm_pass_bytes(phases["norms"]["folded_tokens"])
+        phases["write"]["model"] = mm.weights + mm.adapters
+        for rec in phases.values():
+            rec["ratio"] = (rec["peak_rss"] - r["baseline_rss"]) / rec["model"]
 
 
 def run_setting(spec: dict) -> dict:
@@ -266,6 +278,11 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--remodel",
+        metavar="JSON",
+        help="recompute the model and ratio columns of a results file (no measurement)",
+    )
     ap.add_argument("--proxy", default=None, help="default: the offline SmolLM2-135M")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--data", default="/work/shared/data/alpaca_9k.json")
@@ -280,6 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="benchmarks/results/cpu-2core-memory.json")
     args = ap.parse_args(argv)
+    if args.remodel:
+        from gradfilter.run.config import ScoreConfig
+        from gradfilter.run.score import _load_proxy
+
+        with open(args.remodel, encoding="utf-8") as f:
+            data = json.load(f)
+        spec = data["results"][0]["spec"]
+        model, _ = _load_proxy(ScoreConfig(proxy=spec["proxy"], dtype=spec["dtype"]), None)
+        add_model(data["results"], model)
+        data["table"] = table(data["results"])
+        with open(args.remodel, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        print(data["table"])
+        return 0
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0

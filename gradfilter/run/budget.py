@@ -11,17 +11,18 @@ pass needs:
 * ``train_per_token`` / ``norm_per_token``: per folded token (a token of one
   member's row), what autograd saves for the backward, layer by layer (below),
   plus the transient gradients of the backward; the norm pass (an eval-mode
-  pass of the norm engine) keeps each adapted layer's output gradient too and
-  forms the full logits (``[tokens, vocab]``, model dtype, and a float32 copy
-  of the supervised positions).
+  pass of the norm engine, no dropout masks) keeps each adapted layer's output
+  gradient too.  Neither forms ``[tokens, vocab]`` logits (the ensemble's loss
+  takes the head in chunks); a model whose head cannot be chunked is not
+  modelled here.
 
 Per decoder layer and token, with ``d`` the width, ``f`` the MLP width, ``kv``
-the key/value width, ``e`` the model's bytes per element: two norms keep their
-input and a float32 copy (``2 d (e + 4)``); attention keeps q, k, v and its
-output (``(2 d + 2 kv) e``); the MLP keeps gate, up and the activation
-(``3 f e``); each adapted layer keeps its input in float32 and, in training, its
-dropout mask (``d_in (4 + e)``) and its rank-r hidden state.  A transient
-allowance of ``2 f + 4 d`` float32 covers the gradients in flight.
+the key/value width, ``e`` the model's bytes per element: two norms keep a
+float32 copy of their input (``2 d 4``); attention keeps q, k, v and its output
+(``(2 d + 2 kv) e``); the MLP keeps gate, up and the activation (``3 f e``);
+each adapted layer keeps its input in the model's dtype and, in training, its
+dropout mask (``d_in e`` each) and its rank-r hidden state.  An allowance of
+``TRANSIENT_WIDTHS`` float32 MLP widths covers the gradients in flight.
 
 :func:`auto_token_budget` turns the model and the memory at hand (host:
 ``MemAvailable`` of ``/proc/meminfo``; CUDA: ``torch.cuda.mem_get_info``) into a
@@ -42,6 +43,8 @@ from torch import nn
 SAFETY_FRACTION = 0.6
 #: The smallest token budget worth running (one short row per member).
 MIN_TOKENS = 16
+#: Gradients in flight during a backward, per token, in float32 MLP widths.
+TRANSIENT_WIDTHS = 2
 
 
 @dataclass(frozen=True)
@@ -101,21 +104,24 @@ def memory_model(
     vocab = _size(config, "vocab_size")
     param = next(model.parameters())
     e = param.element_size()
+    n = max(e, 4)  # norms compute in float32 (float64 for float64 models)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
     matched = match_targets(model, targets if targets is not None else default_targets(model))
     shapes = [in_out(m) for _, m in matched]
     a = 8 if param.dtype == torch.float64 else 4  # adapters' bytes per element
     adapters = 4 * members * rank * sum(i + o for i, o in shapes) * a
-    per_adapted = sum(i * (a + (e if dropout else 0)) + 2 * rank * a for i, _ in shapes)
-    per_layer = 2 * d * (e + 4) + (2 * d + 2 * kv) * e + 3 * f * e
-    transient = (2 * f + 4 * d) * 4
-    final = d * (e + 4) + d * 4  # the final norm, and the hidden-state gradient of the loss
-    train = layers * per_layer + per_adapted + transient + final
-    grads = sum(o for _, o in shapes) * e  # each adapted layer's output gradient
-    logits = vocab * (e + 4)
-    norm = layers * per_layer + sum(i * a + 2 * rank * a for i, _ in shapes)
-    norm += transient + grads + logits + d * (e + 4)
+    # Saved for the backward, per token: norms, attention, MLP in every layer; each
+    # adapter's input (and, with dropout, its mask) and rank-r hidden state.
+    per_layer = 2 * d * n + (2 * d + 2 * kv) * e + 3 * f * e
+    inputs = sum(i * e + 2 * rank * a for i, _ in shapes)
+    masks = sum(i * e for i, _ in shapes) if dropout else 0
+    final = d * n + d * 4  # the final norm; the loss's hidden-state gradient
+    transient = TRANSIENT_WIDTHS * f * 4  # gradients in flight in the backward
+    train = layers * per_layer + inputs + masks + final + transient
+    # The norm pass (eval mode, no dropout) also holds each adapter's output gradient
+    # until the layer's norms are reduced.
+    norm = layers * per_layer + inputs + final + transient + sum(o * a for _, o in shapes)
     fixed = 2 * (chunk or linear_ce.CHUNK_TOKENS) * vocab * 4
     return MemoryModel(weights, adapters, fixed, int(train), int(norm))
 
