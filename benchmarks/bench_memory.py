@@ -12,8 +12,11 @@ reset (``/proc/self/clear_refs``), so each phase reports its own peak:
 
 * ``load``: the proxy, as a run loads it (``score``'s loader);
 * ``train``: ``--steps`` training steps of the ensemble (the steps of epoch 1
-  with the longest rows), each cut to the token budget as in a run;
-* ``norms``: a snapshot norm pass over the longest snapshot batches;
+  with the longest rows), each on the rows of one folded pass of the token
+  budget (a run's step takes several such passes one after the other, with the
+  same peak);
+* ``norms``: a snapshot norm pass over the rows of one folded pass of the
+  longest snapshot batches;
 * ``write``: the outputs of a run over these rows (scores, run.json, plots).
 
 On CUDA, ``torch.cuda.max_memory_allocated`` is reported per phase as well.  The
@@ -149,17 +152,24 @@ def child(spec: dict) -> dict:
     def collate(idx):
         return pad_batch([enc[ok[j]] for j in idx], pad)
 
+    def one_pass(idx: list[int], seq: int) -> list[int]:
+        """The rows of ``idx`` that one folded pass of the budget takes: a step's
+        chunks (and a norm batch's) are sequential and alike, so one chunk's rows
+        show the peak of the whole step."""
+        return idx[: max(1, min(len(idx), config.token_budget // (ens.members * seq)))]
+
     schedule = member_schedule(lengths, config.batch_size, 0, ens.member_seeds, 0)
     steps = sorted(schedule, key=lambda s: -max(lengths[j] for idx in s for j in idx))
     steps = steps[: spec["steps"]]
     folded = 0
     with Phase("train", phases, cuda):
         for step in steps:
+            seq = max(lengths[j] for idx in step for j in idx)
+            step = [one_pass(idx, seq) for idx in step]
             batches = [collate(idx) for idx in step]
             ens.train_step(batches, opt, max_tokens=config.token_budget)
             seq = max(b[0].shape[1] for b in batches)
-            rows_per_chunk = max(1, min(len(step[0]), config.token_budget // (ens.members * seq)))
-            folded = max(folded, ens.members * rows_per_chunk * seq)
+            folded = max(folded, ens.members * len(step[0]) * seq)
     phases["train"]["folded_tokens"] = folded
     # Saved activations of one largest chunk (a separate forward, after the peak).
     step = steps[0]
@@ -184,10 +194,10 @@ def child(spec: dict) -> dict:
     folded = 0
     with Phase("norms", phases, cuda):
         for idx in snaps:
+            idx = one_pass(idx, max(lengths[j] for j in idx))
             ids, labels, mask = collate(idx)
             ens.per_example_grad_norms(ids, labels, mask, max_tokens=config.token_budget)
-            step_rows = max(1, min(len(idx), config.token_budget // (ens.members * ids.shape[1])))
-            folded = max(folded, ens.members * step_rows * ids.shape[1])
+            folded = max(folded, ens.members * len(idx) * ids.shape[1])
     phases["norms"]["folded_tokens"] = folded
     ens.remove()
 
