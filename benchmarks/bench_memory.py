@@ -126,6 +126,12 @@ def child(spec: dict) -> dict:
     from gradfilter.run.score import _load_proxy, prepare
 
     cuda = torch.cuda.is_available()
+    try:  # as a scoring run does (GRADFILTER_MALLOC_TUNING=0 measures without)
+        from gradfilter.run.budget import return_freed_memory
+
+        spec["malloc_tuned"] = return_freed_memory()
+    except ImportError:
+        spec["malloc_tuned"] = False
     out: dict = {"spec": spec, "phases": {}, "baseline_rss": _status_kib("VmRSS") * 1024}
     phases = out["phases"]
     config = ScoreConfig(

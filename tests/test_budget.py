@@ -136,3 +136,13 @@ def test_budget_settings_are_checked():
         ScoreConfig(token_budget=-5).validate()
     ScoreConfig(token_budget=0).validate()  # 0: no limit
     ScoreConfig(token_budget=None).validate()  # automatic
+
+
+def test_return_freed_memory_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("GRADFILTER_MALLOC_TUNING", "0")
+    assert budget_mod.return_freed_memory() is False
+    monkeypatch.delenv("GRADFILTER_MALLOC_TUNING")
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert budget_mod.return_freed_memory() is True

@@ -290,3 +290,33 @@ def choose_token_budget(
             )
             prepared.encoded[i] = None
     return dataclasses.replace(config, token_budget=budget), choice
+
+
+#: glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Have glibc give freed blocks of ``threshold`` bytes or more back to the system.
+
+    glibc keeps freed heap memory for reuse, and its mmap threshold grows with the
+    blocks freed (up to 32 MiB), so after a training step the activations' memory
+    stays resident and the norm pass, allocating other sizes, adds to it.  A fixed
+    threshold maps each large tensor on its own and unmaps it when freed.  It is a
+    setting of the whole process (GRADFILTER_MALLOC_TUNING=0 leaves it alone);
+    False where there is no glibc."""
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("GRADFILTER_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith(
+        "linux"
+    ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, int(threshold))
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)

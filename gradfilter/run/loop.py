@@ -55,6 +55,9 @@ class EnsembleRun:
         world: World | None = None,
         all_seeds: list[int] | None = None,
     ) -> None:
+        from gradfilter.run.budget import return_freed_memory
+
+        return_freed_memory()  # the activations of a pass do not stay resident after it
         self.config, self.ens, self.encoded, self.ok = config, ens, encoded, ok
         self.lengths, self.plan, self.pad_id, self.say = lengths, plan, pad_id, say
         self.opt = ens.make_optimizer(lr=config.lr)
