@@ -2,7 +2,12 @@
 
 Maths.  Rows are packed: ``left [N, a]``, ``right [N, b]`` and ``cu_seqlens
 [B + 1]`` (int32 or int64, non-decreasing); example ``i`` owns the rows
-``cu_seqlens[i] : cu_seqlens[i + 1]`` (possibly none).  Its gradient is::
+``cu_seqlens[i] : cu_seqlens[i + 1]`` (possibly none).  Or they stay in place
+in a padded batch: ``left [B, T, a]``, ``right [B, T, b]`` and ``spans =
+(starts, ends)``; example ``i`` owns ``left[i, starts[i] : ends[i]]``.  The
+kernels read both forms alike (a start and an end per example, and a stride per
+example that is 0 for packed rows), at any strides, so nothing is copied to
+pack a batch.  Its gradient is::
 
     G_i = sum_{t in i} left[t] (x) right[t] = L_i^T R_i        [a, b]
 
@@ -46,20 +51,44 @@ rows lie beyond their example's length do no work and write zero.
 Accumulation is float32 throughout; fp32 inputs use IEEE-exact ``tl.dot``
 unless ``allow_tf32=True``.  Inputs: float32, float16 and (on GPU) bfloat16.
 
+Configurations come from a fixed table (:func:`fixed_config`, a pure function
+of shapes, dtype and precision) unless autotuning is asked for; see
+:mod:`gradfilter.kernels.configs`.
+
+Host syncs.  A launch reads nothing back from the device when it is told the
+longest example (``max_seqlen``) and, for the training op, the largest group
+(``max_group``), and is given the route; :mod:`gradfilter.norms.ops` passes
+them from the batch's :class:`gradfilter.norms.layout.RowLayout`, read once per
+batch before the forward.  Without them the launcher reads the bounds once to
+check them.
+
 Interpreter (CPU): set ``TRITON_INTERPRET=1`` before this module (or triton)
-is imported.  Autotuning is then off and :func:`fixed_config` is used;
-bfloat16 is refused there because the interpreter mis-handles it.
+is imported.  Autotuning is then off; bfloat16 is refused there because the
+interpreter mis-handles it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from gradfilter.kernels.configs import (
+    AUTOTUNE_KEYS,
+    MIN_DOT,
+    autotune_configs,
+    autotune_requested,
+    canonical_route,
+    fixed_config,
+    pow2_clamp,
+    precision_of,
+    prune_direct,
+    prune_gram,
+)
 from gradfilter.norms import routes
 from gradfilter.norms.routes import choose_packed_route
 
@@ -74,8 +103,6 @@ __all__ = [
     "outer_sq_norms_gram",
 ]
 
-# Smallest block edge that tl.dot accepts on every target.
-MIN_DOT = 16
 # Rows per program below which an example is never split along T (direct).
 MIN_SPLIT_ROWS = 256
 # Programs per streaming multiprocessor the launch heuristics aim for.
@@ -131,15 +158,18 @@ def _accumulate_rows(
 def _outer_sq_norm_direct_kernel(
     left_ptr,
     right_ptr,
-    cu_ptr,
+    start_ptr,
+    end_ptr,
     part_ptr,
     a,
     b,
     n_chunks,
     rows_per_program,
     len_bucket,
+    stride_le,
     stride_lm,
     stride_la,
+    stride_re,
     stride_rm,
     stride_rb,
     stride_pe,
@@ -155,7 +185,7 @@ def _outer_sq_norm_direct_kernel(
     """One ``BLOCK_A x BLOCK_B`` tile of ``G_i = L_i^T R_i`` over one chunk of rows.
 
     Program ``pid = ((example * n_chunks + chunk) * tiles_a + tile_a) * tiles_b
-    + tile_b``.  The chunk covers rows ``cu[i] + chunk * rows_per_program`` up to
+    + tile_b``.  The chunk covers rows ``starts[i] + chunk * rows_per_program`` up to
     at most ``rows_per_program`` rows, clipped to the example.
     ``SPLIT_T=False`` (one chunk): writes ``sum(tile**2)`` to
     ``part[example, tile]`` (``stride_pe``; the slot stride is 1).
@@ -173,8 +203,8 @@ def _outer_sq_norm_direct_kernel(
     tile_a = tile // tiles_b
     tile_b = tile % tiles_b
 
-    start = tl.load(cu_ptr + example).to(tl.int64)
-    end = tl.load(cu_ptr + example + 1).to(tl.int64)
+    start = tl.load(start_ptr + example).to(tl.int64)
+    end = tl.load(end_ptr + example).to(tl.int64)
     row0 = start + chunk * rows_per_program
     row1 = tl.minimum(end, row0 + rows_per_program)
     n_rows = tl.maximum(row1 - row0, 0).to(tl.int32)
@@ -186,8 +216,8 @@ def _outer_sq_norm_direct_kernel(
 
     acc = _accumulate_rows(
         tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32),
-        left_ptr,
-        right_ptr,
+        left_ptr + example * stride_le,
+        right_ptr + example * stride_re,
         row0,
         n_rows,
         offs_a,
@@ -220,14 +250,17 @@ def _outer_sq_norm_direct_kernel(
 def _outer_sq_norm_gram_kernel(
     left_ptr,
     right_ptr,
-    cu_ptr,
+    start_ptr,
+    end_ptr,
     part_ptr,
     a,
     b,
     max_len,
     len_bucket,
+    stride_le,
     stride_lm,
     stride_la,
+    stride_re,
     stride_rm,
     stride_rb,
     stride_pe,
@@ -255,9 +288,11 @@ def _outer_sq_norm_gram_kernel(
     q = tl.where((q + 1) * (q + 2) // 2 <= pair, q + 1, q)
     p = pair - q * (q + 1) // 2
 
-    start = tl.load(cu_ptr + example).to(tl.int64)
-    end = tl.load(cu_ptr + example + 1).to(tl.int64)
+    start = tl.load(start_ptr + example).to(tl.int64)
+    end = tl.load(end_ptr + example).to(tl.int64)
     n = end - start
+    left_ptr += example * stride_le
+    right_ptr += example * stride_re
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     rows_p = start + p * BLOCK_T + offs_t
@@ -309,7 +344,8 @@ def _outer_sq_norm_gram_kernel(
 def _outer_grad_sq_norm_kernel(
     left_ptr,
     right_ptr,
-    cu_ptr,
+    start_ptr,
+    end_ptr,
     group_ptr,
     sq_ptr,
     grad_ptr,
@@ -318,8 +354,10 @@ def _outer_grad_sq_norm_kernel(
     n_chunks,
     examples_per_program,
     len_bucket,
+    stride_le,
     stride_lm,
     stride_la,
+    stride_re,
     stride_rm,
     stride_rb,
     stride_se,
@@ -366,12 +404,12 @@ def _outer_grad_sq_norm_kernel(
 
     total = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for example in range(e0, e1):
-        start = tl.load(cu_ptr + example).to(tl.int64)
-        n_rows = (tl.load(cu_ptr + example + 1).to(tl.int64) - start).to(tl.int32)
+        start = tl.load(start_ptr + example).to(tl.int64)
+        n_rows = (tl.load(end_ptr + example).to(tl.int64) - start).to(tl.int32)
         acc = _accumulate_rows(
             tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32),
-            left_ptr,
-            right_ptr,
+            left_ptr + example * stride_le,
+            right_ptr + example * stride_re,
             start,
             n_rows,
             offs_a,
@@ -400,7 +438,7 @@ def _outer_grad_sq_norm_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Configurations
+# Configurations (the table and the autotune candidates live in .configs)
 # ----------------------------------------------------------------------------
 
 
@@ -418,142 +456,32 @@ def _interpret_env() -> bool:
     return routes.interpret_requested()
 
 
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, int(x)))))
-
-
-def _canonical_route(route: str) -> str:
-    if route in ("direct",):
-        return "direct"
-    if route in ("ghost", "gram"):
-        return "ghost"
-    raise ValueError(f"unknown route {route!r}; expected 'direct' or 'ghost' (alias 'gram')")
-
-
-def autotune_configs(route: str = "direct") -> list[triton.Config]:
-    """Candidate configurations for Hopper (H100 / H200) of one route.
-
-    direct (``BLOCK_A, BLOCK_B, BLOCK_T``): narrow-by-wide tiles for LoRA A
-    (``a = r``) and wide-by-narrow ones for LoRA B (``b = r``), square ones for
-    dense layers; 4 warps for tiles up to 64 x 128, 8 above; 3-4 stages
-    (the T loop is a K loop for ``tl.dot``).  Configs whose tile exceeds the
-    next power of two of ``a`` or ``b`` are pruned at launch.
-
-    ghost (``BLOCK_T, BLOCK_K``): two fp32 ``BLOCK_T x BLOCK_T`` accumulators
-    per program, so 8 warps for ``BLOCK_T >= 64``; long ``BLOCK_K`` steps for
-    the reduction over the wide feature dimension.
-    """
-    route = _canonical_route(route)
-    if route == "direct":
-        shapes = [
-            # BLOCK_A, BLOCK_B, BLOCK_T, warps, stages
-            (16, 64, 64, 4, 4),
-            (16, 128, 64, 4, 4),
-            (64, 16, 64, 4, 4),
-            (128, 16, 64, 4, 4),
-            (32, 128, 64, 4, 3),
-            (128, 32, 64, 4, 3),
-            (64, 64, 64, 4, 3),
-            (64, 64, 128, 4, 3),  # 4 stages need 256 KB of shared memory in tf32
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3),
-            (128, 128, 32, 8, 3),
-            (128, 128, 64, 8, 3),
-        ]
-        return [
-            triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-            for ba, bb, bt, w, s in shapes
-        ]
-    shapes = [
-        # BLOCK_T, BLOCK_K, warps, stages
-        (16, 64, 4, 3),
-        (16, 128, 4, 3),
-        (32, 64, 4, 3),
-        (32, 128, 4, 3),
-        (64, 64, 8, 3),
-        (64, 128, 8, 3),
-        (128, 32, 8, 3),
-        (128, 64, 8, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bt, bk, w, s in shapes
-    ]
-
-
-def fixed_config(route: str, a: int, b: int, max_len: int) -> triton.Config:
-    """The configuration used without autotuning (interpreter, ``autotune=False``).
-
-    direct: ``BLOCK_A = clamp(next_pow2(a), 16, 64)``, ``BLOCK_B =
-    clamp(next_pow2(b), 16, 64)``, ``BLOCK_T = 32``; ghost: ``BLOCK_T =
-    clamp(next_pow2(max_len), 16, 64)``, ``BLOCK_K = clamp(next_pow2(max(a, b)),
-    16, 64)``.  4 warps, 3 stages.  Every edge is at least 16 (``tl.dot``) and
-    no larger than the data needs, so small ``a``, ``b`` or ``n`` waste little.
-    """
-    route = _canonical_route(route)
-    if route == "direct":
-        meta = {
-            "BLOCK_A": _pow2_clamp(a, MIN_DOT, 64),
-            "BLOCK_B": _pow2_clamp(b, MIN_DOT, 64),
-            "BLOCK_T": 32,
-        }
-    else:
-        meta = {
-            "BLOCK_T": _pow2_clamp(max_len, MIN_DOT, 64),
-            "BLOCK_K": _pow2_clamp(max(a, b), MIN_DOT, 64),
-        }
-    return triton.Config(meta, num_warps=4, num_stages=3)
-
-
-def _prune_direct(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles wider than the next power of two of ``a`` / ``b`` (keep one at least)."""
-    cap_a = _pow2_clamp(named_args["a"], MIN_DOT, 1 << 30)
-    cap_b = _pow2_clamp(named_args["b"], MIN_DOT, 1 << 30)
-    kept = [c for c in configs if c.kwargs["BLOCK_A"] <= cap_a and c.kwargs["BLOCK_B"] <= cap_b]
-    if kept:
-        return kept
-    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_A"] * c.kwargs["BLOCK_B"])
-    return [smallest]
-
-
-def _prune_gram(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop row blocks longer than the next power of two of the longest example."""
-    cap_t = _pow2_clamp(named_args["max_len"], MIN_DOT, 1 << 30)
-    cap_k = _pow2_clamp(max(named_args["a"], named_args["b"]), MIN_DOT, 1 << 30)
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= cap_t and c.kwargs["BLOCK_K"] <= cap_k]
-    if kept:
-        return kept
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"]))]
-
-
 _TUNED: dict[str, Callable] = {}
 
 
 def _tuned_kernel(route: str):
     """The autotuned wrapper of a route's kernel, built on first use (GPU only)."""
     if route not in _TUNED:
-        if route == "direct":
-            _TUNED[route] = triton.autotune(
-                configs=autotune_configs("direct"),
-                key=["a", "b", "len_bucket", "SPLIT_T"],
-                prune_configs_by={"early_config_prune": _prune_direct},
-                reset_to_zero=["part_ptr"],
-            )(_outer_sq_norm_direct_kernel)
-        elif route == "fused":
-            _TUNED[route] = triton.autotune(
-                configs=autotune_configs("direct"),
-                key=["a", "b", "len_bucket"],
-                prune_configs_by={"early_config_prune": _prune_direct},
-                reset_to_zero=["sq_ptr"],
-            )(_outer_grad_sq_norm_kernel)
-        else:
-            _TUNED[route] = triton.autotune(
-                configs=autotune_configs("ghost"),
-                key=["a", "b", "len_bucket"],
-                prune_configs_by={"early_config_prune": _prune_gram},
-                reset_to_zero=["part_ptr"],
-            )(_outer_sq_norm_gram_kernel)
+        kernel, cands, prune, zero = {
+            "direct": (_outer_sq_norm_direct_kernel, "direct", prune_direct, "part_ptr"),
+            "fused": (_outer_grad_sq_norm_kernel, "direct", prune_direct, "sq_ptr"),
+            "ghost": (_outer_sq_norm_gram_kernel, "ghost", prune_gram, "part_ptr"),
+        }[route]
+        _TUNED[route] = triton.autotune(
+            configs=autotune_configs(cands),
+            key=AUTOTUNE_KEYS[route],
+            prune_configs_by={"early_config_prune": prune},
+            reset_to_zero=[zero],
+        )(kernel)
     return _TUNED[route]
+
+
+def _use_autotune(autotune: bool | None) -> bool:
+    """Autotune only when asked (``autotune=True`` or ``GRADFILTER_AUTOTUNE=1``),
+    never in the interpreter (multi-config autotune does not work there)."""
+    if interpreted():
+        return False
+    return autotune_requested() if autotune is None else bool(autotune)
 
 
 # ----------------------------------------------------------------------------
@@ -561,13 +489,45 @@ def _tuned_kernel(route: str):
 # ----------------------------------------------------------------------------
 
 
-def _check_inputs(
-    left: torch.Tensor, right: torch.Tensor, cu_seqlens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate types, shapes and devices; return contiguous copies (views if already)."""
-    for name, t in (("left", left), ("right", right), ("cu_seqlens", cu_seqlens)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+@dataclass(frozen=True)
+class _Rows:
+    """Checked inputs of a launch: where each example's rows are.
+
+    Packed (``cu_seqlens``): one ``[N, d]`` row space shared by all examples,
+    example strides 0, ``starts = cu[:-1]``, ``ends = cu[1:]``.  In place
+    (``spans``): ``[B, T, d]``, example i reads rows ``starts[i] : ends[i]`` of
+    its own ``[T, d]`` slice.  ``width``: the rows an example may reach.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+    n_ex: int
+    width: int
+    strides: tuple[int, ...]  # stride_le, stride_lm, stride_la, stride_re, stride_rm, stride_rb
+    cu: torch.Tensor | None  # the packed offsets, None for rows in place
+
+    @property
+    def packed(self) -> bool:
+        return self.cu is not None
+
+    @property
+    def a(self) -> int:
+        return self.left.shape[-1]
+
+    @property
+    def b(self) -> int:
+        return self.right.shape[-1]
+
+
+def _check_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _packed_rows(left: torch.Tensor, right: torch.Tensor, cu_seqlens: torch.Tensor) -> _Rows:
+    _check_tensor("cu_seqlens", cu_seqlens)
     if left.dim() != 2 or right.dim() != 2:
         raise ValueError(
             "left and right must be packed rows [N, a] and [N, b], got shapes "
@@ -584,6 +544,52 @@ def _check_inputs(
         )
     if cu_seqlens.dtype not in _INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    cu = cu_seqlens.contiguous()
+    strides = (0, left.stride(0), left.stride(1), 0, right.stride(0), right.stride(1))
+    return _Rows(left, right, cu[:-1], cu[1:], cu.numel() - 1, left.shape[0], strides, cu)
+
+
+def _spans_rows(left: torch.Tensor, right: torch.Tensor, spans: tuple) -> _Rows:
+    if not isinstance(spans, (tuple, list)) or len(spans) != 2:
+        raise TypeError("spans must be a pair (starts, ends) of [B] integer tensors")
+    starts, ends = spans
+    _check_tensor("spans' starts", starts)
+    _check_tensor("spans' ends", ends)
+    if left.dim() != 3 or right.dim() != 3 or left.shape[:2] != right.shape[:2]:
+        raise ValueError(
+            "with spans, left and right must be [B, T, a] and [B, T, b], got shapes "
+            f"{tuple(left.shape)} and {tuple(right.shape)}"
+        )
+    bsz = left.shape[0]
+    if starts.shape != (bsz,) or ends.shape != (bsz,):
+        raise ValueError(
+            f"spans must be two [B] = [{bsz}] tensors, got {tuple(starts.shape)} and "
+            f"{tuple(ends.shape)}"
+        )
+    if starts.dtype not in _INDEX_DTYPES or ends.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"spans must be int32 or int64, got {starts.dtype} and {ends.dtype}")
+    strides = (*left.stride(), *right.stride())
+    return _Rows(
+        left, right, starts.contiguous(), ends.contiguous(), bsz, left.shape[1], strides, None
+    )
+
+
+def _check_inputs(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _Rows:
+    """Validate types, shapes and devices (no host read of device data); no copy
+    of ``left`` or ``right``: the kernels take any strides."""
+    _check_tensor("left", left)
+    _check_tensor("right", right)
+    if (cu_seqlens is None) == (spans is None):
+        raise ValueError("give either cu_seqlens (packed rows) or spans (rows in place)")
+    if spans is None:
+        rows = _packed_rows(left, right, cu_seqlens)
+    else:
+        rows = _spans_rows(left, right, spans)
     if left.dtype not in _DTYPES or right.dtype not in _DTYPES:
         raise TypeError(
             f"left and right must be float32, float16 or bfloat16, got {left.dtype} and "
@@ -593,10 +599,12 @@ def _check_inputs(
         raise TypeError(
             f"left and right must have the same dtype, got {left.dtype} and {right.dtype}"
         )
-    if left.device != right.device or left.device != cu_seqlens.device:
+    devices = {left.device, right.device, rows.starts.device, rows.ends.device}
+    if len(devices) != 1:
+        what = "cu_seqlens" if spans is None else "spans"
         raise ValueError(
-            "left, right and cu_seqlens must be on one device, got "
-            f"{left.device}, {right.device} and {cu_seqlens.device}"
+            f"left, right and {what} must be on one device, got "
+            f"{left.device}, {right.device} and {rows.starts.device}"
         )
     if interpreted():
         if not _interpret_env():
@@ -618,45 +626,49 @@ def _check_inputs(
             f"Triton kernels need CUDA tensors (got {left.device}); set TRITON_INTERPRET=1 before "
             "importing them to run on the CPU"
         )
-    return left.contiguous(), right.contiguous(), cu_seqlens.contiguous()
+    return rows
 
 
-def _host_lengths(cu_seqlens: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Example lengths ``[B]`` (int64, CPU) after checking ``cu_seqlens`` (one device sync)."""
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    if int(cu[0]) < 0:
-        raise ValueError(f"cu_seqlens must start at 0 or more, got {int(cu[0])}")
-    if lengths.numel() and int(lengths.min()) < 0:
-        bad = int(torch.nonzero(lengths < 0)[0, 0])
+def _host_lengths(rows: _Rows) -> torch.Tensor:
+    """Example lengths ``[B]`` (int64, CPU) after checking the bounds (one device sync)."""
+    if rows.packed:
+        cu = rows.cu.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        if int(cu[0]) < 0:
+            raise ValueError(f"cu_seqlens must start at 0 or more, got {int(cu[0])}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            bad = int(torch.nonzero(lengths < 0)[0, 0])
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing; cu_seqlens[{bad + 1}] = "
+                f"{int(cu[bad + 1])} < cu_seqlens[{bad}] = {int(cu[bad])}"
+            )
+        if int(cu[-1]) > rows.width:
+            raise ValueError(
+                f"cu_seqlens ends at {int(cu[-1])} but left and right have only {rows.width} rows"
+            )
+        return lengths
+    starts = rows.starts.detach().to("cpu", torch.int64)
+    ends = rows.ends.detach().to("cpu", torch.int64)
+    lengths = ends - starts
+    bad = (starts < 0) | (lengths < 0) | (ends > rows.width)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(
-            f"cu_seqlens must be non-decreasing; cu_seqlens[{bad + 1}] = {int(cu[bad + 1])} < "
-            f"cu_seqlens[{bad}] = {int(cu[bad])}"
-        )
-    if int(cu[-1]) > n_rows:
-        raise ValueError(
-            f"cu_seqlens ends at {int(cu[-1])} but left and right have only {n_rows} rows"
+            f"spans of example {i} are {int(starts[i])}:{int(ends[i])}; they must satisfy "
+            f"0 <= start <= end <= {rows.width} (the tokens per example)"
         )
     return lengths
 
 
-def _max_len(cu_seqlens: torch.Tensor, n_rows: int, max_seqlen: int | None) -> int:
+def _max_len(rows: _Rows, max_seqlen: int | None) -> int:
+    """The longest example: ``max_seqlen`` when given (no host read, not checked),
+    else read from the bounds (one device sync, bounds checked)."""
     if max_seqlen is not None:
         if int(max_seqlen) < 0:
             raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
         return int(max_seqlen)
-    lengths = _host_lengths(cu_seqlens, n_rows)
+    lengths = _host_lengths(rows)
     return int(lengths.max()) if lengths.numel() else 0
-
-
-def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
-
-
-def _use_autotune(autotune: bool | None) -> bool:
-    if interpreted():
-        return False  # multi-config autotune does not work in the interpreter
-    return True if autotune is None else bool(autotune)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -676,7 +688,7 @@ def _auto_rows_per_program(
     many as needed to reach the target program count, and keeps the partial tile
     buffer ``B x n_chunks x a x b`` under ``gradfilter.norms.routes.TEMP_BUDGET``.
     """
-    tile_a, tile_b = _pow2_clamp(a, MIN_DOT, 64), _pow2_clamp(b, MIN_DOT, 64)
+    tile_a, tile_b = pow2_clamp(a, MIN_DOT, 64), pow2_clamp(b, MIN_DOT, 64)
     tiles = triton.cdiv(a, tile_a) * triton.cdiv(b, tile_b)
     base = n_examples * tiles
     target = _target_programs(device)
@@ -708,11 +720,16 @@ def _launch_options(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def _common_args(rows: _Rows) -> tuple:
+    return (rows.left, rows.right, rows.starts, rows.ends)
+
+
 def outer_sq_norms_direct(
     left: torch.Tensor,
     right: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
     *,
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seqlen: int | None = None,
     rows_per_program: int | None = None,
     config: triton.Config | None = None,
@@ -721,42 +738,47 @@ def outer_sq_norms_direct(
 ) -> torch.Tensor:
     """``||sum_{t in i} left[t] (x) right[t]||_F^2`` per example, direct route.
 
-    left ``[N, a]``, right ``[N, b]`` (same float dtype and device), cu_seqlens
-    ``[B + 1]`` int32/int64 -> float32 ``[B]``.  ``max_seqlen``: an upper bound
-    on the example lengths (saves the one host sync that reads ``cu_seqlens``;
-    must not be smaller than the longest example).  ``rows_per_program``: split
-    each example into chunks of that many rows (default: only when the GPU
-    would be underfilled).  ``config``: a fixed launch configuration
-    (``BLOCK_A``, ``BLOCK_B``, ``BLOCK_T``) instead of autotuning / the
-    :func:`fixed_config`.  ``autotune``: default on with CUDA, always off in the
-    interpreter.  ``allow_tf32``: fp32 inputs through TF32 tensor cores.
+    Rows packed: left ``[N, a]``, right ``[N, b]`` (same float dtype and
+    device), cu_seqlens ``[B + 1]`` int32/int64.  Or rows in place: left ``[B,
+    T, a]``, right ``[B, T, b]`` and ``spans = (starts, ends)``, two ``[B]``
+    int tensors: example i owns ``left[i, starts[i] : ends[i]]`` (a padded
+    batch read without packing it).  Any strides; nothing is copied.  Returns
+    float32 ``[B]``.
+
+    ``max_seqlen``: an upper bound on the example lengths; with it the launch
+    reads nothing back from the device (the bounds are then not checked), so
+    it never waits for the GPU.  ``rows_per_program``: split each example into
+    chunks of that many rows (default: only when the GPU would be underfilled).
+    ``config``: a fixed launch configuration (``BLOCK_A``, ``BLOCK_B``,
+    ``BLOCK_T``) instead of the table's (:func:`fixed_config`).  ``autotune``:
+    time the candidates instead (default: ``GRADFILTER_AUTOTUNE``, off; never
+    in the interpreter).  ``allow_tf32``: fp32 inputs through TF32 tensor cores.
     """
-    left, right, cu = _check_inputs(left, right, cu_seqlens)
-    n_rows, a = left.shape
-    b = right.shape[1]
-    n_ex = cu.numel() - 1
-    out = torch.zeros(n_ex, dtype=torch.float32, device=left.device)
+    rows = _check_inputs(left, right, cu_seqlens, spans)
+    a, b, n_ex, device = rows.a, rows.b, rows.n_ex, left.device
+    out = torch.zeros(n_ex, dtype=torch.float32, device=device)
     if n_ex == 0 or a == 0 or b == 0:
         return out
-    max_len = _max_len(cu, n_rows, max_seqlen)
+    max_len = _max_len(rows, max_seqlen)
     if max_len == 0:
         return out
 
     if rows_per_program is None:
-        rpp = _auto_rows_per_program(n_ex, a, b, max_len, left.device)
+        rpp = _auto_rows_per_program(n_ex, a, b, max_len, device)
     else:
         if int(rows_per_program) < 1:
             raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
         rpp = min(int(rows_per_program), max_len)
     n_chunks = triton.cdiv(max_len, rpp)
     split = n_chunks > 1
+    precision = precision_of(left.dtype, allow_tf32)
     tuned = config is None and _use_autotune(autotune)
-    cfg = config if config is not None else fixed_config("direct", a, b, max_len)
+    cfg = config or fixed_config("direct", a, b, max_len, left.dtype, precision)
     _check_config(cfg, ("BLOCK_A", "BLOCK_B", "BLOCK_T"))
 
     if split:
         # Every (example, chunk, a, b) element is written by exactly one program.
-        part = torch.empty(n_ex, n_chunks, a, b, dtype=torch.float32, device=left.device)
+        part = torch.empty(n_ex, n_chunks, a, b, dtype=torch.float32, device=device)
         strides = tuple(part.stride())
     else:
         # One slot per tile of the finest tiling any candidate config may use.
@@ -764,7 +786,7 @@ def outer_sq_norms_direct(
         min_a = min(c.kwargs["BLOCK_A"] for c in cands)
         min_b = min(c.kwargs["BLOCK_B"] for c in cands)
         slots = triton.cdiv(a, min_a) * triton.cdiv(b, min_b)
-        part = torch.zeros(n_ex, slots, dtype=torch.float32, device=left.device)
+        part = torch.zeros(n_ex, slots, dtype=torch.float32, device=device)
         strides = (part.stride(0), 0, 0, 0)
 
     def grid(meta: dict) -> tuple[int]:
@@ -772,23 +794,17 @@ def outer_sq_norms_direct(
         return (n_ex * n_chunks * tiles,)
 
     args = (
-        left,
-        right,
-        cu,
+        *_common_args(rows),
         part,
         a,
         b,
         n_chunks,
         rpp,
         triton.next_power_of_2(max_len),
-        left.stride(0),
-        left.stride(1),
-        right.stride(0),
-        right.stride(1),
+        *rows.strides,
         *strides,
     )
-    precision = _input_precision(left.dtype, allow_tf32)
-    with _on_device(left.device):
+    with _on_device(device):
         if tuned:
             _tuned_kernel("direct")[grid](*args, SPLIT_T=split, INPUT_PRECISION=precision)
         else:
@@ -804,8 +820,9 @@ def outer_sq_norms_direct(
 def outer_sq_norms_gram(
     left: torch.Tensor,
     right: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
     *,
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seqlen: int | None = None,
     config: triton.Config | None = None,
     autotune: bool | None = None,
@@ -817,19 +834,18 @@ def outer_sq_norms_gram(
     split along T into ``BLOCK_T`` row blocks; every block pair ``p <= q`` is
     one program.  ``config`` fixes ``BLOCK_T`` and ``BLOCK_K``.
     """
-    left, right, cu = _check_inputs(left, right, cu_seqlens)
-    n_rows, a = left.shape
-    b = right.shape[1]
-    n_ex = cu.numel() - 1
-    out = torch.zeros(n_ex, dtype=torch.float32, device=left.device)
+    rows = _check_inputs(left, right, cu_seqlens, spans)
+    a, b, n_ex, device = rows.a, rows.b, rows.n_ex, left.device
+    out = torch.zeros(n_ex, dtype=torch.float32, device=device)
     if n_ex == 0 or a == 0 or b == 0:
         return out
-    max_len = _max_len(cu, n_rows, max_seqlen)
+    max_len = _max_len(rows, max_seqlen)
     if max_len == 0:
         return out
 
+    precision = precision_of(left.dtype, allow_tf32)
     tuned = config is None and _use_autotune(autotune)
-    cfg = config if config is not None else fixed_config("ghost", a, b, max_len)
+    cfg = config or fixed_config("ghost", a, b, max_len, left.dtype, precision)
     _check_config(cfg, ("BLOCK_T", "BLOCK_K"))
 
     def n_pairs(block_t: int) -> int:
@@ -838,28 +854,22 @@ def outer_sq_norms_gram(
 
     cands = autotune_configs("ghost") if tuned else [cfg]
     slots = n_pairs(min(c.kwargs["BLOCK_T"] for c in cands))
-    part = torch.zeros(n_ex, slots, dtype=torch.float32, device=left.device)
+    part = torch.zeros(n_ex, slots, dtype=torch.float32, device=device)
 
     def grid(meta: dict) -> tuple[int]:
         return (n_ex * n_pairs(meta["BLOCK_T"]),)
 
     args = (
-        left,
-        right,
-        cu,
+        *_common_args(rows),
         part,
         a,
         b,
         max_len,
         triton.next_power_of_2(max_len),
-        left.stride(0),
-        left.stride(1),
-        right.stride(0),
-        right.stride(1),
+        *rows.strides,
         part.stride(0),
     )
-    precision = _input_precision(left.dtype, allow_tf32)
-    with _on_device(left.device):
+    with _on_device(device):
         if tuned:
             _tuned_kernel("ghost")[grid](*args, INPUT_PRECISION=precision)
         else:
@@ -872,32 +882,42 @@ def outer_sq_norms_gram(
 def outer_sq_norms(
     left: torch.Tensor,
     right: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
     route: str | None = None,
     *,
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seqlen: int | None = None,
     autotune: bool | None = None,
     allow_tf32: bool = False,
 ) -> torch.Tensor:
-    """Per-example squared norms over packed rows by either route; float32 ``[B]``.
+    """Per-example squared norms by either route; float32 ``[B]``.
 
-    ``route`` is ``"direct"``, ``"ghost"`` (alias ``"gram"``) or None: chosen by
-    :func:`choose_packed_route` from the example lengths (one host sync).
+    Inputs as for :func:`outer_sq_norms_direct`.  ``route`` is ``"direct"``,
+    ``"ghost"`` (alias ``"gram"``) or None: chosen by :func:`choose_packed_route`
+    from the example lengths, read from the device (one host sync; pass the
+    route and ``max_seqlen`` to launch without any).
     """
     if route is None:
-        left_c, right_c, cu = _check_inputs(left, right, cu_seqlens)
-        lengths = _host_lengths(cu, left_c.shape[0])
-        route = choose_packed_route(lengths, left_c.shape[1], right_c.shape[1])
+        rows = _check_inputs(left, right, cu_seqlens, spans)
+        lengths = _host_lengths(rows)
+        route = choose_packed_route(lengths, rows.a, rows.b)
         if max_seqlen is None:
             max_seqlen = int(lengths.max()) if lengths.numel() else 0
-    route = _canonical_route(route)
+    route = canonical_route(route)
     launch = outer_sq_norms_direct if route == "direct" else outer_sq_norms_gram
     return launch(
-        left, right, cu_seqlens, max_seqlen=max_seqlen, autotune=autotune, allow_tf32=allow_tf32
+        left,
+        right,
+        cu_seqlens,
+        spans=spans,
+        max_seqlen=max_seqlen,
+        autotune=autotune,
+        allow_tf32=allow_tf32,
     )
 
 
-def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> torch.Tensor:
+def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> None:
+    """Shape, dtype and device of ``groups`` (nothing read from the device)."""
     if not isinstance(groups, torch.Tensor):
         raise TypeError(f"groups must be a torch.Tensor, got {type(groups).__name__}")
     if groups.dim() != 1 or groups.numel() < 2:
@@ -908,6 +928,10 @@ def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> torc
         raise TypeError(f"groups must be int32 or int64, got {groups.dtype}")
     if groups.device != device:
         raise ValueError(f"groups must be on {device}, got {groups.device}")
+
+
+def _largest_group(groups: torch.Tensor, n_ex: int) -> int:
+    """The most examples in one group, after checking ``groups`` (one device sync)."""
     g = groups.detach().to("cpu", torch.int64)
     if int(g[0]) != 0 or int(g[-1]) != n_ex:
         raise ValueError(
@@ -916,16 +940,18 @@ def _check_groups(groups: torch.Tensor, n_ex: int, device: torch.device) -> torc
         )
     if bool((g[1:] < g[:-1]).any()):
         raise ValueError("groups must be non-decreasing")
-    return g
+    return int((g[1:] - g[:-1]).max())
 
 
 def outer_grad_sq_norms(
     left: torch.Tensor,
     right: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
     groups: torch.Tensor,
     *,
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seqlen: int | None = None,
+    max_group: int | None = None,
     examples_per_program: int | None = None,
     config: triton.Config | None = None,
     autotune: bool | None = None,
@@ -933,62 +959,61 @@ def outer_grad_sq_norms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed gradient per group and per-example squared norms, in one pass.
 
-    left ``[N, a]``, right ``[N, b]``, cu_seqlens ``[B + 1]`` as for
+    left, right and cu_seqlens (or ``spans``) as for
     :func:`outer_sq_norms_direct`; groups ``[G + 1]`` (int32/int64) cuts the
     examples into G consecutive groups (``groups[0] = 0``, ``groups[-1] = B``).
     Returns ``(grad, sq)``: float32 ``[G, a, b]`` with ``grad[g] = sum over the
     group's examples of L_i^T R_i``, and float32 ``[B]`` with ``sq[i] =
     ||L_i^T R_i||_F^2``.  Per-example gradients never leave the chip.
-    ``examples_per_program``: how many examples one program walks (default: a
-    group's worth, cut further when ``G x tiles`` alone would leave the GPU
-    idle).  Examples are never split along T here, since a tile must be whole
-    before it is squared.
+    ``max_seqlen`` and ``max_group`` (the most examples in one group): with
+    both, nothing is read back from the device (and neither the bounds nor
+    ``groups`` is checked).  ``examples_per_program``: how many examples one
+    program walks (default: a group's worth, cut further when ``G x tiles``
+    alone would leave the GPU idle).  Examples are never split along T here,
+    since a tile must be whole before it is squared.
     """
-    left, right, cu = _check_inputs(left, right, cu_seqlens)
-    n_rows, a = left.shape
-    b = right.shape[1]
-    n_ex = cu.numel() - 1
-    g_host = _check_groups(groups, n_ex, left.device)
-    n_groups = g_host.numel() - 1
-    grad = torch.zeros(n_groups, a, b, dtype=torch.float32, device=left.device)
-    sq = torch.zeros(n_ex, dtype=torch.float32, device=left.device)
+    rows = _check_inputs(left, right, cu_seqlens, spans)
+    a, b, n_ex, device = rows.a, rows.b, rows.n_ex, left.device
+    _check_groups(groups, n_ex, device)
+    n_groups = groups.numel() - 1
+    largest = _largest_group(groups, n_ex) if max_group is None else int(max_group)
+    grad = torch.zeros(n_groups, a, b, dtype=torch.float32, device=device)
+    sq = torch.zeros(n_ex, dtype=torch.float32, device=device)
     if n_ex == 0 or a == 0 or b == 0:
         return grad, sq
-    max_len = _max_len(cu, n_rows, max_seqlen)
-    if max_len == 0:
+    max_len = _max_len(rows, max_seqlen)
+    if max_len == 0 or largest == 0:
         return grad, sq
-    largest = int((g_host[1:] - g_host[:-1]).max())
     if examples_per_program is None:
-        tiles = triton.cdiv(a, _pow2_clamp(a, MIN_DOT, 64)) * triton.cdiv(
-            b, _pow2_clamp(b, MIN_DOT, 64)
+        tiles = triton.cdiv(a, pow2_clamp(a, MIN_DOT, 64)) * triton.cdiv(
+            b, pow2_clamp(b, MIN_DOT, 64)
         )
-        chunks = max(1, min(largest, triton.cdiv(_target_programs(left.device), n_groups * tiles)))
+        chunks = max(1, min(largest, triton.cdiv(_target_programs(device), n_groups * tiles)))
         epp = triton.cdiv(largest, chunks)
     else:
         if int(examples_per_program) < 1:
             raise ValueError(f"examples_per_program must be >= 1, got {examples_per_program}")
         epp = int(examples_per_program)
     n_chunks = max(1, triton.cdiv(largest, epp))
+    precision = precision_of(left.dtype, allow_tf32)
     tuned = config is None and _use_autotune(autotune)
-    cfg = config if config is not None else fixed_config("direct", a, b, max_len)
+    cfg = config or fixed_config("fused", a, b, max_len, left.dtype, precision)
     _check_config(cfg, ("BLOCK_A", "BLOCK_B", "BLOCK_T"))
 
     cands = autotune_configs("direct") if tuned else [cfg]
     slots = triton.cdiv(a, min(c.kwargs["BLOCK_A"] for c in cands)) * triton.cdiv(
         b, min(c.kwargs["BLOCK_B"] for c in cands)
     )
-    sq_part = torch.zeros(n_ex, slots, dtype=torch.float32, device=left.device)
+    sq_part = torch.zeros(n_ex, slots, dtype=torch.float32, device=device)
     # Every (group, chunk, a, b) element is written by exactly one program.
-    part = torch.empty(n_groups, n_chunks, a, b, dtype=torch.float32, device=left.device)
+    part = torch.empty(n_groups, n_chunks, a, b, dtype=torch.float32, device=device)
 
     def grid(meta: dict) -> tuple[int]:
         tiles = triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"])
         return (n_groups * n_chunks * tiles,)
 
     args = (
-        left,
-        right,
-        cu,
+        *_common_args(rows),
         groups.contiguous(),
         sq_part,
         part,
@@ -997,15 +1022,11 @@ def outer_grad_sq_norms(
         n_chunks,
         epp,
         triton.next_power_of_2(max_len),
-        left.stride(0),
-        left.stride(1),
-        right.stride(0),
-        right.stride(1),
+        *rows.strides,
         sq_part.stride(0),
         *part.stride(),
     )
-    precision = _input_precision(left.dtype, allow_tf32)
-    with _on_device(left.device):
+    with _on_device(device):
         if tuned:
             _tuned_kernel("fused")[grid](*args, INPUT_PRECISION=precision)
         else:

@@ -312,10 +312,112 @@ def test_configs():
     assert fixed == {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_T": 32}
     assert K.fixed_config("ghost", 4, 33, 5).kwargs == {"BLOCK_T": 16, "BLOCK_K": 64}
     # pruning keeps tiles no wider than the data (LoRA A with r = 16)
-    kept = K._prune_direct(K.autotune_configs("direct"), {"a": 16, "b": 4096})
+    kept = K.prune_direct(K.autotune_configs("direct"), {"a": 16, "b": 4096})
     assert kept and all(c.kwargs["BLOCK_A"] == 16 for c in kept)
-    kept = K._prune_gram(K.autotune_configs("ghost"), {"a": 8, "b": 100, "max_len": 3})
+    kept = K.prune_gram(K.autotune_configs("ghost"), {"a": 8, "b": 100, "max_len": 3})
     assert kept and {c.kwargs["BLOCK_T"] for c in kept} == {16}
+
+
+def _config_key(cfg: triton.Config) -> tuple:
+    return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+
+
+DTYPE_PRECISIONS = [
+    (torch.float32, "ieee"),
+    (torch.float32, "tf32"),
+    (torch.float16, "ieee"),
+    (torch.bfloat16, "ieee"),
+]
+
+
+def test_fixed_config_is_a_pure_function_of_shapes_dtype_and_precision(monkeypatch):
+    """The default configuration depends on the (bucketed) shapes, the dtype and the
+    precision only: not on the autotune switch, the device, or earlier calls."""
+    from gradfilter.kernels import configs
+
+    shapes = [(8, 768, 512), (768, 8, 512), (768, 2304, 1024), (4, 33, 5), (64, 64, 64)]
+    kernels = ("direct", "fused", "ghost")
+    first = {
+        (k, s, d, p): _config_key(configs.fixed_config(k, *s, d, p))
+        for k in kernels
+        for s in shapes
+        for d, p in DTYPE_PRECISIONS
+    }
+    monkeypatch.setenv("GRADFILTER_AUTOTUNE", "1")  # a switch the table must ignore
+    for _ in range(2):
+        for (k, s, d, p), want in first.items():
+            assert _config_key(configs.fixed_config(k, *s, d, p)) == want
+    # Shapes in one bucket share a configuration (next power of two, clamped to 16..64).
+    for d, p in DTYPE_PRECISIONS:
+        for k in ("direct", "fused"):  # BLOCK_A, BLOCK_B from a, b; the length plays no part
+            want = _config_key(configs.fixed_config(k, 16, 4096, 7, d, p))
+            assert _config_key(configs.fixed_config(k, 9, 700, 300, d, p)) == want
+        want = _config_key(configs.fixed_config("ghost", 8, 4096, 64, d, p))
+        for t in (33, 50, 64):  # BLOCK_T from the length, BLOCK_K from max(a, b)
+            assert _config_key(configs.fixed_config("ghost", 3, 65, t, d, p)) == want
+    # Every table entry is listed for the compile check.
+    for k in kernels:
+        for d, p in DTYPE_PRECISIONS:
+            listed = {_config_key(c) for c in configs.table_configs(k, d, p)}
+            for s in shapes:
+                assert _config_key(configs.fixed_config(k, *s, d, p)) in listed
+    with pytest.raises(TypeError, match="no kernel configuration for torch.float64"):
+        configs.fixed_config("direct", 8, 8, 8, torch.float64)
+    with pytest.raises(ValueError, match="unknown kernel 'fast'"):
+        configs.fixed_config("fast", 8, 8, 8)
+
+
+def test_autotune_is_opt_in_and_keyed_by_precision(monkeypatch):
+    from gradfilter.kernels import configs
+
+    monkeypatch.delenv("GRADFILTER_AUTOTUNE", raising=False)
+    assert not configs.autotune_requested()
+    for on in ("1", "true", "on"):
+        monkeypatch.setenv("GRADFILTER_AUTOTUNE", on)
+        assert configs.autotune_requested()
+    monkeypatch.setenv("GRADFILTER_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match="GRADFILTER_AUTOTUNE='maybe'"):
+        configs.autotune_requested()
+    monkeypatch.setenv("GRADFILTER_AUTOTUNE", "0")
+    assert not K._use_autotune(None)
+    assert K._use_autotune(True) == (not K.interpreted())
+    for keys in configs.AUTOTUNE_KEYS.values():
+        assert "INPUT_PRECISION" in keys and {"a", "b", "len_bucket"} <= set(keys)
+
+
+def test_launch_uses_the_table_config(monkeypatch):
+    """Without autotuning a launch takes exactly ``fixed_config`` of its shapes, dtype
+    and precision (the kernel is replaced by a recorder of its launch options)."""
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launched.append(options)
+
+            return launch
+
+    monkeypatch.setattr(K, "_outer_sq_norm_direct_kernel", Recorder())
+    monkeypatch.setattr(K, "_outer_grad_sq_norm_kernel", Recorder())
+    monkeypatch.setattr(K, "_outer_sq_norm_gram_kernel", Recorder())
+    monkeypatch.setenv("GRADFILTER_AUTOTUNE", "0")
+    left, right, cu = rows(40, 8, 0), rows(40, 96, 1), cu_from([30, 10])
+    K.outer_sq_norms_direct(left, right, cu)
+    K.outer_sq_norms_gram(left, right, cu)
+    K.outer_grad_sq_norms(left, right, cu, torch.tensor([0, 2], device=DEVICE))
+    K.outer_sq_norms_direct(left, right, cu, allow_tf32=True)
+    expected = [
+        ("direct", "ieee"),
+        ("ghost", "ieee"),
+        ("fused", "ieee"),
+        ("direct", "tf32"),
+    ]
+    assert len(launched) == len(expected)
+    for options, (kernel, precision) in zip(launched, expected, strict=True):
+        cfg = K.fixed_config(kernel, 8, 96, 30, torch.float32, precision)
+        assert options["INPUT_PRECISION"] == precision
+        assert {k: options[k] for k in cfg.kwargs} == cfg.kwargs
+        assert (options["num_warps"], options["num_stages"]) == (cfg.num_warps, cfg.num_stages)
 
 
 def test_triton_available(monkeypatch):

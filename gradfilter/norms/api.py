@@ -66,8 +66,18 @@ def per_example_grad_norms(
         sq = {s.name: torch.zeros(0) for s in engine.params}
     else:
         model.train(train)
+        device = _device_of(model)
         try:
-            sq = engine.run(input_ids, labels, attention_mask, reduction, model_kwargs)
+            # The labels and mask as given (on the host when the data loader's
+            # tensors are) tell the engine the batch's shape without a device read.
+            sq = engine.run(
+                input_ids.to(device),
+                labels.to(device),
+                attention_mask.to(device),
+                reduction,
+                model_kwargs,
+                host=(labels, attention_mask),
+            )
         finally:
             model.train(was_training)
     if per_param:
@@ -139,8 +149,7 @@ def _check_inputs(
     labels = labels.masked_fill(attention_mask == 0, -100)
     if labels.shape[1] > 1:
         labels[:, 1:] = labels[:, 1:].masked_fill(attention_mask[:, :-1] == 0, -100)
-    device = _device_of(model)
-    return input_ids.to(device), labels.to(device), attention_mask.to(device)
+    return input_ids, labels, attention_mask
 
 
 def _vocab_size(model: nn.Module) -> int | None:

@@ -32,6 +32,7 @@ from torch import nn
 
 from gradfilter.norms import ops
 from gradfilter.norms.layers import RULE_PARAMS, Factor, rule_for
+from gradfilter.norms.layout import RowLayout
 
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
 
@@ -106,8 +107,8 @@ class _Pass:
         self.jobs: list[_Job] = []
         self.recording = False
         self.anchor: torch.Tensor | None = None
-        self.window: tuple[int, int] = (0, 0)
-        self.valid: torch.Tensor | None = None  # [B, T] rows that carry gradient
+        self.layout: RowLayout | None = None  # [B, T] rows that carry gradient, on the host
+        self.reduction = "mean"
         self._plan()
 
     # -- planning -------------------------------------------------------------
@@ -224,7 +225,7 @@ class _Pass:
     def _take_factors(self, call: _Call, grad: torch.Tensor) -> None:
         job = call.job
         x = call.args[0] if call.args else next(iter(call.kwargs.values()))
-        bsz, seq = self.valid.shape
+        bsz, seq = self.layout.batch, self.layout.seq
         if tuple(x.shape[:2]) != (bsz, seq) or tuple(grad.shape[:2]) != (bsz, seq):
             raise ValueError(
                 f"layer {job.name!r} sees input {tuple(x.shape)} and output gradient "
@@ -243,16 +244,16 @@ class _Pass:
 
     def _reduce(self, state: _ParamState) -> None:
         if not state.factors:
-            state.sq_norms = torch.zeros(self.valid.shape[0], dtype=torch.float32)
+            state.sq_norms = torch.zeros(
+                self.layout.batch, dtype=torch.float32, device=state.param.device
+            )
             return
-        state.sq_norms = ops.factor_sq_norms(state.factors, self.valid, self.window).to(
-            torch.float32
-        )
+        state.sq_norms = ops.factor_sq_norms(state.factors, self.layout).to(torch.float32)
         state.factors = []
 
     def _run_fallbacks(self) -> None:
         """Exact per-example gradients for parameters without a fast route."""
-        bsz = self.valid.shape[0]
+        bsz = self.layout.batch
         for job in self.jobs:
             if not job.fallback:
                 continue
@@ -295,26 +296,30 @@ class _Pass:
 
     # -- the pass ---------------------------------------------------------------
 
-    def _mark_rows(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Set :attr:`valid` and :attr:`window`; return each example's label count."""
-        bsz, seq = input_ids.shape
+    def _mark_rows(self, labels: torch.Tensor, attention_mask: torch.Tensor) -> _Supervision:
+        """Read the batch's shape on the host, once, before the forward: set
+        :attr:`layout` (the rows that carry gradient) and return what the loss
+        needs.  ``labels`` and ``attention_mask`` are host tensors."""
+        bsz, seq = labels.shape
         supervised = labels[:, 1:] != -100  # [B, T-1]: position t predicts labels[t+1]
         counts = supervised.sum(-1)
-        positions = torch.arange(seq, device=input_ids.device)
+        positions = torch.arange(seq)
         last = (
-            torch.where(
-                supervised, positions[:-1].expand(bsz, -1), torch.full_like(labels[:, 1:], -1)
-            ).amax(-1)
+            torch.where(supervised, positions[:-1].expand(bsz, -1), -1).amax(-1)
             if seq > 1
-            else torch.full((bsz,), -1, device=input_ids.device)
+            else torch.full((bsz,), -1)
         )
         # Rows after an example's last supervised position, and padding, get no gradient.
-        self.valid = attention_mask.bool() & (positions.unsqueeze(0) <= last.unsqueeze(1))
-        rows = self.valid.any(0).nonzero()
-        self.window = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)
-        return counts
+        self.layout = RowLayout.from_mask(
+            attention_mask.bool() & (positions.unsqueeze(0) <= last.unsqueeze(1))
+        )
+        example, pos = supervised.nonzero(as_tuple=True)
+        return _Supervision(
+            counts=counts,
+            picked=example * seq + pos,
+            example=example,
+            padded_inside=_padded_inside(attention_mask),
+        )
 
     def _attach(self, handles: list[Any]) -> None:
         """Register the input and output hooks of every job, appending their handles."""
@@ -325,12 +330,7 @@ class _Pass:
             )
 
     def _forward_backward(
-        self,
-        inputs: dict,
-        shape: tuple[int, int],
-        labels: torch.Tensor,
-        counts: torch.Tensor,
-        reduction: str,
+        self, inputs: dict, shape: tuple[int, int], labels: torch.Tensor, sup: _Supervision
     ) -> None:
         """The recorded forward and the backward of ``sum_i L_i`` (the hooks reduce);
         ``shape`` is ``(batch, tokens)`` of the input ids."""
@@ -345,7 +345,9 @@ class _Pass:
             if hidden_loss is not None:
                 output = self.model(**inputs, hidden_states_only=True)
                 self.recording = False
-                loss = hidden_loss(output.last_hidden_state, labels, counts, reduction)
+                hidden = output.last_hidden_state
+                counts = sup.on(hidden.device).counts
+                loss = hidden_loss(hidden, labels, counts, self.reduction)
             else:
                 output = self.model(**inputs)
                 self.recording = False
@@ -355,7 +357,7 @@ class _Pass:
                         f"model returned logits of shape {tuple(logits.shape)}, expected "
                         f"[{bsz}, {seq}, vocab]"
                     )
-                loss = _summed_example_losses(logits, labels, counts, reduction)
+                loss = _summed_example_losses(logits, labels, sup.on(logits.device), self.reduction)
             for job in self.jobs:
                 for state in job.ruled.values():
                     state.expected += len(job.calls)
@@ -384,8 +386,17 @@ class _Pass:
         attention_mask: torch.Tensor,
         reduction: str,
         model_kwargs: dict | None = None,
+        host: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        counts = self._mark_rows(input_ids, labels, attention_mask)
+        """The pass.  ``host``: ``(labels, attention_mask)`` on any device (the
+        caller's copies; default the ones given).  The batch's shape is read from
+        them here, once, before the forward: the norm reductions in the backward
+        then never wait for the device."""
+        labels_h, mask_h = (labels, attention_mask) if host is None else host
+        both = torch.stack([labels_h, mask_h.to(labels_h.dtype)]).cpu()
+        sup = self._mark_rows(both[0], both[1])
+        self.layout.prepare(input_ids.device)
+        self.reduction = reduction
         pdtype = next(iter(self.params)).param.dtype
         self.anchor = torch.zeros(
             (),
@@ -396,31 +407,71 @@ class _Pass:
         handles: list[Any] = []
         try:
             self._attach(handles)
-            inputs = _model_inputs(input_ids, attention_mask, model_kwargs)
-            self._forward_backward(inputs, tuple(input_ids.shape), labels, counts, reduction)
+            inputs = _model_inputs(input_ids, attention_mask, model_kwargs, sup.padded_inside)
+            self._forward_backward(inputs, tuple(input_ids.shape), labels, sup)
             for s in self.params:
                 if s.factored and s.sq_norms is None:
                     self._reduce(s)
             self._run_fallbacks()
+            # One copy to the host for all parameters.
+            sq = torch.stack([s.sq_norms.to(input_ids.device) for s in self.params]).cpu()
         finally:
             self._release(handles)
-        empty = (counts == 0).cpu()
-        return {s.name: s.sq_norms.cpu().masked_fill(empty, float("nan")) for s in self.params}
+        sq = sq.masked_fill((sup.counts == 0).unsqueeze(0), float("nan"))
+        return {s.name: row for s, row in zip(self.params, sq, strict=True)}
+
+
+@dataclass
+class _Supervision:
+    """What the loss needs about the supervised positions, read on the host.
+
+    counts ``[B]``: supervised tokens per example; picked: flat indices into
+    ``[B * T]`` of the positions whose next label counts (their label is at
+    ``picked + 1``); example: the example of each picked position;
+    padded_inside: whether any row has padding before a real token (then
+    position ids are passed).
+    """
+
+    counts: torch.Tensor
+    picked: torch.Tensor
+    example: torch.Tensor
+    padded_inside: bool
+
+    def on(self, device: torch.device) -> _Supervision:
+        """The index tensors on ``device`` (one copy each, without waiting)."""
+        if device.type == "cpu":
+            return self
+        host = (self.counts, self.picked, self.example)
+        if device.type == "cuda":
+            host = tuple(t.pin_memory() for t in host)
+        counts, picked, example = (t.to(device, non_blocking=True) for t in host)
+        return _Supervision(counts, picked, example, self.padded_inside)
+
+
+def _padded_inside(attention_mask: torch.Tensor) -> bool:
+    """Whether a row of the host mask has padding on the left or inside."""
+    if attention_mask.shape[1] < 2:
+        return False
+    rises = (attention_mask[:, 1:] > attention_mask[:, :-1]).any()
+    falls = (attention_mask[:, :-1] > attention_mask[:, 1:]).any()
+    return bool(rises or falls)
 
 
 def _model_inputs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, model_kwargs: dict | None
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    model_kwargs: dict | None,
+    padded_inside: bool,
 ) -> dict[str, Any]:
-    """Keyword arguments of the model call; position ids when any row is padded inside."""
-    seq = input_ids.shape[1]
+    """Keyword arguments of the model call; position ids when any row is padded
+    before a real token (``padded_inside``, decided on the host)."""
     inputs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "use_cache": False,
         **(model_kwargs or {}),
     }
-    left_padded = (attention_mask[:, :-1] > attention_mask[:, 1:]).any() if seq > 1 else False
-    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()) or left_padded:
+    if padded_inside:
         # Positions must count real tokens only, as when the example is alone.
         inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return inputs
@@ -449,19 +500,19 @@ def _logits_of(output: Any) -> torch.Tensor:
 
 
 def _summed_example_losses(
-    logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, reduction: str
+    logits: torch.Tensor, labels: torch.Tensor, sup: _Supervision, reduction: str
 ) -> torch.Tensor:
-    """``sum_i L_i`` with the causal shift; examples without tokens weigh 0."""
-    shift_logits = logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    if not bool(mask.any()):
+    """``sum_i L_i`` with the causal shift; examples without tokens weigh 0.  The
+    supervised positions come from ``sup`` (indices built on the host), so
+    nothing here waits for the device."""
+    if sup.picked.numel() == 0:
         return logits.sum() * 0.0
-    picked = shift_logits[mask]
+    picked = logits.reshape(-1, logits.shape[-1]).index_select(0, sup.picked)
     if picked.dtype in (torch.float16, torch.bfloat16):
         picked = picked.float()
-    ce = torch.nn.functional.cross_entropy(picked, shift_labels[mask], reduction="none")
+    targets = labels.reshape(-1).index_select(0, sup.picked + 1)
+    ce = torch.nn.functional.cross_entropy(picked, targets, reduction="none")
     if reduction == "mean":
-        weight = 1.0 / counts.clamp(min=1).to(ce.dtype)
-        ce = ce * weight.unsqueeze(1).expand_as(mask)[mask]
+        weight = 1.0 / sup.counts.clamp(min=1).to(ce.dtype)
+        ce = ce * weight.index_select(0, sup.example)
     return ce.sum()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gradfilter.norms import ops
+from gradfilter.norms.layout import RowLayout
 
 
 class NormRecorder:
@@ -36,7 +37,10 @@ class NormRecorder:
 
     members, rows: the folded batch has ``members * rows`` rows, member-major.
     valid: optional ``[members * rows, T]`` bool, the positions that may carry
-    gradient (e.g. the attention mask); others are skipped, not just zero.
+    gradient (e.g. the attention mask); others are skipped, not just zero.  It
+    is read on the host here, once, before the forward (its
+    :class:`~gradfilter.norms.layout.RowLayout`), so the layers' backward
+    enqueues its work without waiting for the device.
     After the backward, ``sq`` is ``[members, rows]`` (float64): for each
     member and example, the squared norm of that example's share of the
     gradient of all the recorded stacked parameters.
@@ -51,7 +55,7 @@ class NormRecorder:
                 f"got {tuple(valid.shape)}"
             )
         self.members, self.rows = members, rows
-        self.valid = None if valid is None else valid.bool()
+        self.layout = None if valid is None else RowLayout.from_mask(valid).prepare(valid.device)
         self._sq: torch.Tensor | None = None  # summed on the gradients' device
         self._parts: dict[str, torch.Tensor] = {}
         self.layers = 0
@@ -130,16 +134,12 @@ class StackedMatmul(torch.autograd.Function):
                 seq = x[0].numel() // x.shape[-1]  # positions per row
                 left = grad_y.reshape(members, rec.rows, seq, grad_y.shape[-1])
                 right = x.reshape(members, rec.rows, seq, x.shape[-1])
-                valid = None
-                if rec.valid is not None:
-                    if rec.valid.shape[1] != seq:
-                        raise ValueError(
-                            "the recorder's valid mask has "
-                            f"{rec.valid.shape[1]} positions per row, "
-                            f"the layer has {seq}"
-                        )
-                    valid = rec.valid.to(x.device).reshape(members, rec.rows, seq)
-                grad_w, sq = ops.grad_and_sq_norms(left, right, valid)
+                if rec.layout is not None and rec.layout.seq != seq:
+                    raise ValueError(
+                        f"the recorder's valid mask has {rec.layout.seq} positions per row, "
+                        f"the layer has {seq}"
+                    )
+                grad_w, sq = ops.grad_and_sq_norms(left, right, layout=rec.layout)
                 grad_w = grad_w.to(weight.dtype)
                 rec.add(sq, ctx.part)
         return (grad_x, grad_w) + (None,) * (ctx.n_inputs - 2)

@@ -111,20 +111,37 @@ def sum_sq_norms_ref(rows: torch.Tensor) -> torch.Tensor:
     return rows.sum(dim=1).square().sum(dim=-1)
 
 
-def index_sq_norms_ref(idx: torch.Tensor, right: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def index_sq_norms_ref(
+    idx: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, num_rows: int | None = None
+) -> torch.Tensor:
     """Squared norms of embedding-style gradients ``sum_t onehot(idx[t]) (x) right[t]``.
 
     idx ``[B, W]`` (int), right ``[B, W, b]``, valid ``[B, W]`` (bool): rows that
-    count.  Rows with the same index in the same example are summed first, so the
-    cost is ``O(n b)`` per example whatever the vocabulary size.
+    count; num_rows: the vocabulary size (read from ``idx`` when None, one
+    device sync).  Rows with the same index in the same example are summed
+    first (sort the keys ``example * V + index``, then sum each run of equal
+    keys), so the cost is ``O(n log n + n b)`` per example whatever the
+    vocabulary size, and every shape is known in advance: nothing waits for
+    the device.
     """
     bsz, w = idx.shape
-    vocab = int(idx.max().item()) + 1 if idx.numel() else 1
+    if num_rows is None:
+        num_rows = int(idx.max().item()) + 1 if idx.numel() else 1
     example = torch.arange(bsz, device=idx.device).unsqueeze(1).expand(bsz, w)
-    key = (example * vocab + idx)[valid]
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    summed = right.new_zeros(uniq.numel(), right.shape[-1])
-    summed.index_add_(0, inverse, right[valid])
-    out = right.new_zeros(bsz)
-    out.index_add_(0, uniq // vocab, summed.square().sum(dim=-1))
-    return out
+    # Rows that do not count go to a key past every example and carry zeros.
+    key = torch.where(valid, example * num_rows + idx.long(), bsz * num_rows).reshape(-1)
+    rows = torch.where(
+        valid.unsqueeze(-1), right, torch.zeros((), dtype=right.dtype, device=right.device)
+    )
+    rows = rows.reshape(-1, right.shape[-1])
+    key, order = torch.sort(key, stable=True)
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[1:] = key[1:] != key[:-1]
+    segment = starts.long().cumsum(0) - 1  # run of equal keys each sorted row belongs to
+    summed = right.new_zeros(key.numel(), right.shape[-1])
+    summed.index_add_(0, segment, rows.index_select(0, order))
+    owner = torch.zeros(key.numel(), dtype=torch.long, device=key.device)
+    owner.scatter_(0, segment, key // num_rows)  # the example of each run (bsz: no example)
+    out = right.new_zeros(bsz + 1)
+    out.index_add_(0, owner, summed.square().sum(dim=-1))
+    return out[:bsz]

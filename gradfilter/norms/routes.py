@@ -16,7 +16,7 @@ reading of ``TRITON_INTERPRET`` live here too.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -65,10 +65,16 @@ def route_cost(n: int, a: int, b: int) -> int:
     return min(direct_cost(n, a, b), ghost_cost(n, a, b))
 
 
-def choose_packed_route(lengths: torch.Tensor | Iterable[int], a: int, b: int) -> str:
+def choose_packed_route(
+    lengths: torch.Tensor | Mapping[int, int] | Iterable[int], a: int, b: int
+) -> str:
     """``"direct"`` or ``"ghost"`` for a batch whose examples have ``lengths`` rows:
-    the route with the smaller summed per-example cost."""
-    if isinstance(lengths, torch.Tensor):
+    the route with the smaller summed per-example cost.  ``lengths`` may also be
+    a mapping ``{length: number of examples}`` (then nothing is read from a
+    tensor)."""
+    if isinstance(lengths, Mapping):
+        pairs = ((int(n), int(c)) for n, c in lengths.items())
+    elif isinstance(lengths, torch.Tensor):
         uniq, counts = torch.unique(lengths.to("cpu", torch.int64), return_counts=True)
         pairs = zip(uniq.tolist(), counts.tolist(), strict=False)
     else:
