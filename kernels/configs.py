@@ -72,12 +72,26 @@ def precision_of(dtype: torch.dtype, allow_tf32: bool) -> str:
 # (fewer registers per thread for the same tile) or fewer stages.
 _TILE_DEFAULT = (32, 4, 3)
 _TABLE: dict[str, dict[str, dict[tuple[int, int], tuple[int, int, int]]]] = {
-    # (BLOCK_A, BLOCK_B) -> (BLOCK_T, warps, stages)
+    # (BLOCK_A, BLOCK_B) -> (BLOCK_T, warps, stages); no entry spills at the default
     "direct": {"fp32": {}, "tc32": {}, "half": {}},
     # the training op keeps two accumulators (the example's tile and the sum)
-    "fused": {"fp32": {}, "tc32": {}, "half": {}},
-    # (BLOCK_T, BLOCK_K) -> (BLOCK_K, warps, stages)
-    "ghost": {"fp32": {}, "tc32": {}, "half": {}},
+    "fused": {
+        "fp32": {(32, 64): (32, 8, 3), (64, 32): (32, 8, 3), (64, 64): (16, 4, 3)},
+        "tc32": {},
+        "half": {},
+    },
+    # (BLOCK_T, BLOCK_K) -> (BLOCK_K, warps, stages): two BLOCK_T x BLOCK_T
+    # accumulators and four operand tiles per step
+    "ghost": {
+        "fp32": {
+            (32, 64): (64, 8, 3),
+            (64, 16): (16, 8, 3),
+            (64, 32): (32, 8, 3),
+            (64, 64): (32, 8, 3),
+        },
+        "tc32": {(32, 64): (64, 8, 3), (64, 64): (64, 8, 3)},
+        "half": {(64, 64): (64, 8, 3)},
+    },
 }
 KERNELS = ("direct", "fused", "ghost")
 

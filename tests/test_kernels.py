@@ -238,6 +238,156 @@ def test_non_contiguous_inputs():
         assert rel_err(launch(route, left, right, cu), want) < 1e-4
 
 
+def padded_batch(lengths: list[int], first: list[int], seq: int, d: int, seed: int):
+    """A zero-padded ``[B, T, d]`` batch whose example i holds ``lengths[i]`` random
+    rows from position ``first[i]``, its spans, and the same rows packed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(lengths), seq, d)
+    for i, (n, s) in enumerate(zip(lengths, first, strict=True)):
+        out[i, s : s + n] = torch.randn(n, d, generator=gen)
+    starts = torch.tensor(first, dtype=torch.int64)
+    ends = starts + torch.tensor(lengths, dtype=torch.int64)
+    packed = torch.cat([out[i, s:e] for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    return out.to(DEVICE), (starts.to(DEVICE), ends.to(DEVICE)), packed.to(DEVICE)
+
+
+SPAN_CASE = ([5, 0, 12, 1, 9], [0, 3, 0, 11, 3], 12)  # right, left and no padding, empty
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_rows_in_place_equal_packed_rows_bit_for_bit(route):
+    """Spans over a padded batch read the same rows in the same order as the packed
+    form: identical bits, and no copy (any strides)."""
+    lengths, first, seq = SPAN_CASE
+    left, spans, lpacked = padded_batch(lengths, first, seq, 7, seed=1)
+    right, _, rpacked = padded_batch(lengths, first, seq, 33, seed=2)
+    cu = cu_from(lengths, dtype=torch.int64)
+    want = launch(route, lpacked, rpacked, cu)
+    assert torch.equal(launch(route, left, right, spans=spans), want)
+    # a strided view of a wider buffer, features transposed in memory
+    wide = torch.zeros(left.shape[0], seq, 2 * 7, device=DEVICE)
+    wide[..., ::2] = left
+    fortran = right.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(launch(route, wide[..., ::2], fortran, spans=spans), want)
+    assert rel_err(want, outer_sq_norms_packed_ref(lpacked, rpacked, cu)) < 1e-4
+
+
+def test_fused_rows_in_place_equal_packed_rows_bit_for_bit():
+    lengths, first, seq = SPAN_CASE
+    left, spans, lpacked = padded_batch(lengths, first, seq, 8, seed=3)
+    right, _, rpacked = padded_batch(lengths, first, seq, 20, seed=4)
+    groups = torch.tensor([0, 2, 5], device=DEVICE)
+    cu = cu_from(lengths, dtype=torch.int64)
+    want = K.outer_grad_sq_norms(lpacked, rpacked, cu, groups)
+    got = K.outer_grad_sq_norms(left, right, None, groups, spans=spans, max_seqlen=12, max_group=3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_hints_skip_every_host_read(monkeypatch):
+    """With ``max_seqlen`` (and ``max_group``) and a route, a launch reads nothing
+    back from the device: the two readers are made to fail."""
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("read the device on the host")
+
+    lengths, first, seq = SPAN_CASE
+    left, spans, _ = padded_batch(lengths, first, seq, 4, seed=5)
+    right, _, _ = padded_batch(lengths, first, seq, 6, seed=6)
+    want = {r: K.outer_sq_norms(left, right, route=r, spans=spans) for r in ROUTES}
+    monkeypatch.setattr(K, "_host_lengths", no_read)
+    monkeypatch.setattr(K, "_largest_group", no_read)
+    for route in ROUTES:
+        got = K.outer_sq_norms(left, right, route=route, spans=spans, max_seqlen=12)
+        assert torch.equal(got, want[route])
+    groups = torch.tensor([0, 5], device=DEVICE)
+    K.outer_grad_sq_norms(left, right, None, groups, spans=spans, max_seqlen=12, max_group=5)
+    with pytest.raises(AssertionError, match="read the device"):
+        K.outer_sq_norms(left, right, route="direct", spans=spans)
+
+
+def test_bad_spans_raise_clear_errors():
+    lengths, first, seq = SPAN_CASE
+    left, (starts, ends), lpacked = padded_batch(lengths, first, seq, 4, seed=7)
+    right, _, _ = padded_batch(lengths, first, seq, 6, seed=8)
+    cu = cu_from(lengths)
+    with pytest.raises(ValueError, match="either cu_seqlens .* or spans"):
+        K.outer_sq_norms_direct(left, right, cu, spans=(starts, ends))
+    with pytest.raises(ValueError, match="either cu_seqlens .* or spans"):
+        K.outer_sq_norms_direct(left, right)
+    with pytest.raises(ValueError, match=r"with spans, left and right must be \[B, T, a\]"):
+        K.outer_sq_norms_direct(lpacked, lpacked, spans=(starts, ends))
+    with pytest.raises(ValueError, match=r"two \[B\] = \[5\] tensors"):
+        K.outer_sq_norms_gram(left, right, spans=(starts[:4], ends[:4]))
+    with pytest.raises(TypeError, match="pair"):
+        K.outer_sq_norms_direct(left, right, spans=starts)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        K.outer_sq_norms_direct(left, right, spans=(starts.float(), ends))
+    which = torch.arange(5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"example 2 are 0:13; .* <= 12"):
+        K.outer_sq_norms_direct(left, right, spans=(starts, ends + (which == 2)))
+    with pytest.raises(ValueError, match=r"example 0 are 0:-1"):
+        K.outer_sq_norms_gram(left, right, spans=(starts, ends - (which == 0) * 6))
+
+
+def _row_mask(holes: bool) -> torch.Tensor:
+    valid = torch.ones(4, 10, dtype=torch.bool)
+    valid[1, 7:] = False  # right padding
+    valid[2, :3] = False  # left padding
+    valid[3, :] = False  # no rows
+    if holes:
+        valid[0, 4] = False
+    return valid
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["runs", "holes"])
+@pytest.mark.parametrize("n_factors", [1, 2])
+def test_seam_matches_mask_packing_bit_for_bit(monkeypatch, holes, n_factors):
+    """The seam reads rows in place (one run per example) or gathers them by the
+    layout's index: the same bits as packing them with a boolean mask."""
+    from gradfilter.norms.layers import Factor
+    from gradfilter.norms.layout import RowLayout
+
+    monkeypatch.setenv("GRADFILTER_BACKEND", "triton")
+    valid = _row_mask(holes).to(DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    factors = [
+        Factor("outer", torch.randn(4, 10, 4, generator=gen), torch.randn(4, 10, 24, generator=gen))
+        for _ in range(n_factors)
+    ]
+    factors = [Factor("outer", f.left.to(DEVICE), f.right.to(DEVICE)) for f in factors]
+    got = ops.factor_sq_norms(factors, RowLayout.from_mask(valid))
+    masks = valid.repeat(1, n_factors)
+    left = torch.cat([f.left for f in factors], dim=1)[masks]
+    right = torch.cat([f.right for f in factors], dim=1)[masks]
+    want = K.outer_sq_norms(left, right, ops_cu(masks.sum(1)))
+    assert torch.equal(got, want)
+
+
+def ops_cu(lengths: torch.Tensor) -> torch.Tensor:
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    return cu
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["runs", "holes"])
+def test_training_seam_matches_mask_packing_bit_for_bit(monkeypatch, holes):
+    monkeypatch.setenv("GRADFILTER_BACKEND", "triton")
+    valid = _row_mask(holes).reshape(2, 2, 10).to(DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    left = torch.randn(2, 2, 10, 8, generator=gen).to(DEVICE)
+    right = torch.randn(2, 2, 10, 20, generator=gen).to(DEVICE)
+    grad, sq = ops.grad_and_sq_norms(left, right, valid)
+    flat = valid.reshape(4, 10)
+    cu = ops_cu(flat.sum(1))
+    want_grad, want_sq = K.outer_grad_sq_norms(
+        left.reshape(4, 10, 8)[flat],
+        right.reshape(4, 10, 20)[flat],
+        cu,
+        ops_cu(torch.full((2,), 2, device=DEVICE)),
+    )
+    assert torch.equal(grad, want_grad) and torch.equal(sq, want_sq.reshape(2, 2))
+
+
 def test_auto_route_follows_cost_model():
     # equal lengths: same decision as the padded reference's choose_route
     for n, a, b in [(4, 64, 64), (60, 2, 3), (16, 16, 1), (1, 1, 1)]:
@@ -397,6 +547,8 @@ def test_launch_uses_the_table_config(monkeypatch):
 
             return launch
 
+    was_interpreted = K.interpreted()
+    monkeypatch.setattr(K, "interpreted", lambda: was_interpreted)
     monkeypatch.setattr(K, "_outer_sq_norm_direct_kernel", Recorder())
     monkeypatch.setattr(K, "_outer_grad_sq_norm_kernel", Recorder())
     monkeypatch.setattr(K, "_outer_sq_norm_gram_kernel", Recorder())
