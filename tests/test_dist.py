@@ -153,3 +153,38 @@ def test_a_killed_torchrun_run_resumes_to_the_same_scores(setup):
     if not (full / "scores.jsonl").exists():
         _gradfilter(["score", str(data), "-o", str(full), "--proxy", str(proxy), *ARGS], nproc=2)
     assert _scores(out) == _scores(full)
+
+
+def test_a_share_of_the_members_computes_the_whole_folds_norms_bitwise(monkeypatch):
+    """In one process, members 3-4 trained alone (as rank 1 of 2 would) give the
+    very norms they get inside the five-member fold (fails, e.g., if a share took
+    the wrong members' seeds).  The tiny model uses eager attention; the proxy's
+    sdpa rounds differently for another batch size (docs/scale-out.md)."""
+    import numpy as np
+
+    from gradfilter.run import score as S
+    from gradfilter.run.dist import World
+
+    monkeypatch.setattr(S, "gather", lambda world, value: [value])
+    monkeypatch.setattr(S, "agree", lambda *args: None)
+    config = S.ScoreConfig(
+        rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3,
+        norms="inflight", token_budget=200, device="cpu",
+    )  # fmt: skip
+
+    def late(world, share):
+        model, tok = tiny_llama(seed=0), tiny_tokenizer()
+        assert model.config._attn_implementation == "eager"
+        prepared = S.prepare(ROWS, config, tok)
+        work = S.plan(config, prepared)
+        records, _, _ = S._score_ensemble(
+            config, model, tok, prepared, work, None, lambda s: None, False, None, {},
+            world, share,
+        )  # fmt: skip
+        width = len(share) if share else config.members
+        return np.array([r["late_sq"] or [np.nan] * width for r in records], dtype=np.float64)
+
+    whole = late(World(), None)
+    part = late(World(1, 2), [3, 4])
+    assert np.isfinite(part).sum() > 0
+    assert np.array_equal(whole[:, 3:], part, equal_nan=True)
