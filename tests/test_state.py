@@ -383,7 +383,8 @@ def test_targets_are_checked_on_the_architecture_before_the_weights_load(tmp_pat
             os.remove(folder / name)
     config = ScoreConfig(**{**CFG, "proxy": str(folder), **change})
     with pytest.raises(ValueError, match=message):
-        score(ROWS, None, config, progress=False, log=lambda s: None)
+        score(ROWS, str(tmp_path / "out"), config, progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_proxy_fingerprint_sees_a_change_of_any_weight():

@@ -249,7 +249,6 @@ def _load_proxy(
 ) -> tuple[Any, Any]:
     """The proxy and its tokenizer on ``device`` (None: where a given model is)."""
     if given is None:
-        check_proxy_settings(config)
         from gradfilter.io.models import load_proxy
 
         model, tok = load_proxy(config.proxy, dtype=getattr(torch, config.dtype))
@@ -342,6 +341,8 @@ def _score(
             "process (start it without torchrun)"
         )
     share = member_share(config.members, world) if ensemble else []
+    if model_and_tokenizer is None:
+        check_proxy_settings(config)  # before the output folder is touched
     if outdir and not dry_run:
         together(world, claim_outdir, outdir, config, force, world.size)
     if config.members == 1 and config.method in ("gsnr", "late_var"):
