@@ -349,21 +349,12 @@ def load_proxy(
         FileNotFoundError: a ``.gguf`` path or the SmolLM2 package is missing.
         OSError: a hub id that cannot be loaded (e.g. not cached while offline).
     """
-    if name_or_path is None or name_or_path.lower() == "smollm2":
-        gguf = smollm2_gguf_path()
-        return _from_pretrained(os.path.dirname(gguf), dtype, gguf_file=os.path.basename(gguf))
-
-    if name_or_path.lower().endswith(".gguf"):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
-        folder, filename = os.path.split(os.path.abspath(name_or_path))
-        return _from_pretrained(folder, dtype, gguf_file=filename)
-
-    if os.path.isdir(name_or_path):
-        return _from_pretrained(name_or_path, dtype)
+    location, gguf_file = _proxy_location(name_or_path)
+    if gguf_file is not None or os.path.isdir(location):
+        return _from_pretrained(location, dtype, gguf_file=gguf_file)
 
     try:
-        return _from_pretrained(name_or_path, dtype)
+        return _from_pretrained(location, dtype)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
         mode = "offline (HF_HUB_OFFLINE is set)" if offline else "from the local cache or the Hub"
@@ -375,6 +366,20 @@ def load_proxy(
         ) from err
 
 
+def _proxy_location(name_or_path: str | None) -> tuple[str, str | None]:
+    """``(folder or hub id, GGUF file name or None)`` of a ``--proxy`` value (see
+    :func:`load_proxy`)."""
+    if name_or_path is None or name_or_path.lower() == "smollm2":
+        gguf = smollm2_gguf_path()
+        return os.path.dirname(gguf), os.path.basename(gguf)
+    if name_or_path.lower().endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+        folder, filename = os.path.split(os.path.abspath(name_or_path))
+        return folder, filename
+    return name_or_path, None
+
+
 def proxy_skeleton(name_or_path: str | None = None) -> Any:
     """The proxy's architecture without its weights: the model that
     :func:`load_proxy` would return, built on the ``meta`` device from the
@@ -383,16 +388,10 @@ def proxy_skeleton(name_or_path: str | None = None) -> Any:
     the weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    location, gguf_file = _proxy_location(name_or_path)
     extra: dict[str, Any] = {"trust_remote_code": False}
-    if name_or_path is None or name_or_path.lower() == "smollm2":
-        gguf = smollm2_gguf_path()
-        location, extra["gguf_file"] = os.path.dirname(gguf), os.path.basename(gguf)
-    elif name_or_path.lower().endswith(".gguf"):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
-        location, extra["gguf_file"] = os.path.split(os.path.abspath(name_or_path))
-    else:
-        location = name_or_path
+    if gguf_file is not None:
+        extra["gguf_file"] = gguf_file
     config = AutoConfig.from_pretrained(location, **extra)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)

@@ -123,11 +123,6 @@ def gather(world: World, value: Any) -> list[Any]:
     return values
 
 
-def any_true(world: World, flag: bool) -> bool:
-    """Whether ``flag`` holds on some process."""
-    return any(gather(world, bool(flag)))
-
-
 def finish(world: World, wait: bool = True) -> None:
     """Leave the process group (after every process got here, with ``wait``)."""
     if world.distributed and torch.distributed.is_initialized():
