@@ -240,6 +240,14 @@ def _add_score_snapshot_args(p: argparse.ArgumentParser) -> None:
         help="optimizer steps trained before epoch 1, nothing recorded",
     )
     p.add_argument(
+        "--early-after",
+        type=int,
+        default=D.early_after,
+        metavar="S",
+        help="the early point at least S optimizer steps into training: on small data "
+        "--early, --late and --epochs move on by whole epochs until it is (0: as given)",
+    )
+    p.add_argument(
         "--formula",
         choices=list(FORMULAS),
         default=D.formula,

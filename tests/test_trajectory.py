@@ -297,3 +297,49 @@ def test_rescore_reads_an_older_norms_file_without_row_fields(tmp_path):
     assert (tmp_path / "a" / "scores.jsonl").read_bytes() == (
         tmp_path / "b" / "scores.jsonl"
     ).read_bytes()
+
+
+# ------------------------------------------------------------------ early_after
+
+
+def test_resolve_schedule_moves_by_whole_epochs():
+    cfg = ScoreConfig(epochs=2, early=1, late=2, early_after=50)
+    # 10 steps per epoch: epoch 6 is the first to start at step >= 50
+    got = cfg.resolve_schedule(10)
+    assert (got.early, got.late, got.epochs) == (6, 7, 7)
+    # large data: epoch 2 starts at step 60, already past 50
+    got = cfg.resolve_schedule(60)
+    assert (got.early, got.late, got.epochs) == (2, 3, 3)
+    # warm-up steps count; enough of them leave the schedule as given
+    assert ScoreConfig(early_after=50, warmup_steps=50).resolve_schedule(10).early == 1
+    assert ScoreConfig(early_after=50, warmup_steps=30).resolve_schedule(10).early == 3
+    # 0 (default) and no scorable row: unchanged
+    assert ScoreConfig().resolve_schedule(10) == ScoreConfig()
+    assert cfg.resolve_schedule(0) is cfg
+    # extra epochs after the late one are kept; "every epoch" stays every epoch
+    got = ScoreConfig(epochs=4, early=1, late=2, snapshots=[1, 2, 3, 4], early_after=20)
+    got = got.resolve_schedule(10)
+    assert (got.early, got.late, got.epochs, got.snapshots) == (3, 4, 6, [1, 2, 3, 4, 5, 6])
+    got = ScoreConfig(epochs=3, snapshots=[1, 2], early_after=10).resolve_schedule(10)
+    assert (got.early, got.late, got.epochs, got.snapshots) == (2, 3, 4, [1, 2, 3])
+    with pytest.raises(ValueError, match="early_after"):
+        ScoreConfig(early_after=-1).validate()
+
+
+def test_early_after_run_records_its_schedule_and_finishes_again(tmp_path):
+    # 11 rows, batch 4: 3 steps per epoch, so early_after=5 puts the early point at
+    # epoch 3 (step 6) and the late one at epoch 4
+    res = run(tmp_path, early_after=5, norms="inflight")
+    sched = res.run["plan"]["schedule"]
+    assert sched["early_after"] == 5 and sched["early_starts_at_step"] == 6
+    assert (sched["early"], sched["late"], sched["epochs"]) == (3, 4, 4)
+    c = res.run["config"]
+    assert (c["early"], c["late"], c["epochs"], c["early_after"]) == (3, 4, 4, 5)
+    z = read_norms(str(tmp_path))
+    assert z["epoch"].tolist() == [3, 4]
+    # the same call on the same folder is recognised as the same run
+    again = run(tmp_path, early_after=5, norms="inflight")
+    assert [r["score"] for r in again.records] == [r["score"] for r in res.records]
+    # and equals the literal schedule it resolved to
+    lit = run(tmp_path / "literal", epochs=4, early=3, late=4, norms="inflight")
+    assert [r["score"] for r in lit.records] == [r["score"] for r in res.records]

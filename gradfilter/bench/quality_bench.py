@@ -163,7 +163,12 @@ def _finished(folder: str, mcfg: Any) -> Any:
     except (FileNotFoundError, ValueError, json.JSONDecodeError):
         return None
     same = json.loads(json.dumps(dataclasses.asdict(mcfg)))
-    return (records, run) if run.get("config") == same else None
+    theirs = dict(run.get("config") or {})
+    if mcfg.early_after:  # the run resolved these from early_after and its rows
+        for k in ("early", "late", "epochs", "snapshots"):
+            theirs.pop(k, None)
+            same.pop(k)
+    return (records, run) if theirs == same else None
 
 
 def _encode_all(rows: list[dict], tok: Any, max_length: int) -> list[Any]:

@@ -35,6 +35,11 @@ class ScoreConfig:
     # nothing recorded), so that the early point lies past the growth of the LoRA
     # norms at any data size.
     warmup_steps: int = 0
+    # The early point is at least this many optimizer steps into training: when
+    # epoch ``early`` starts sooner (small data), early, late and epochs move on by
+    # whole epochs (resolve_schedule), so the same setting means the same stage of
+    # training at any data size.  0: epochs early / late as given.
+    early_after: int = 0
     # "snapshot": norms from eval-mode passes after epochs early and late;
     # "inflight": recorded by the training steps of epochs early and late themselves
     # (same backward as the weight gradient; no extra pass, dropout active).
@@ -116,6 +121,12 @@ class ScoreConfig:
             or self.warmup_steps < 0
         ):
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if (
+            isinstance(self.early_after, bool)
+            or not isinstance(self.early_after, int)
+            or self.early_after < 0
+        ):
+            raise ValueError(f"early_after must be an int >= 0, got {self.early_after!r}")
         if self.snapshots is not None:
             snaps = list(self.snapshots)
             bad = [
@@ -174,6 +185,30 @@ class ScoreConfig:
             raise ValueError(
                 f"template must contain the placeholder {{instruction}}, got {self.template!r}"
             )
+
+    def resolve_schedule(self, steps_per_epoch: int) -> ScoreConfig:
+        """The config with ``early``, ``late`` and ``epochs`` moved on by whole epochs
+        until epoch ``early`` starts at least ``early_after`` optimizer steps into
+        training (warm-up steps count), given ``steps_per_epoch``; itself when no
+        move is needed.  Kept epochs (``snapshots``) move with them: every epoch
+        stays every epoch, and a list gains the new early and late epochs."""
+        if self.early_after <= 0 or steps_per_epoch < 1:
+            return self
+        first = 1
+        while self.warmup_steps + (first - 1) * steps_per_epoch < self.early_after:
+            first += 1
+        shift = first - self.early
+        if shift <= 0:
+            return self
+        early, late = self.early + shift, self.late + shift
+        epochs = max(self.epochs, late + (self.epochs - self.late))
+        snaps = self.snapshots
+        if snaps is not None:
+            if list(snaps) == list(range(1, self.epochs + 1)):
+                snaps = list(range(1, epochs + 1))
+            else:
+                snaps = sorted(set(snaps) | {early, late})
+        return dataclasses.replace(self, early=early, late=late, epochs=epochs, snapshots=snaps)
 
     def norm_epochs(self) -> list[int]:
         """The epochs whose per-example norms the run records, ascending."""

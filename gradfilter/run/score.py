@@ -172,16 +172,25 @@ def prepare(data: Any, config: ScoreConfig, tokenizer: Any) -> Prepared:
     return Prepared(rows, source, encoded)
 
 
+def steps_per_epoch(config: ScoreConfig, prepared: Prepared) -> int:
+    """Optimizer steps in one epoch over the scorable rows."""
+    from gradfilter.method.schedule import member_schedule
+
+    if not prepared.ok:
+        return 0
+    return len(member_schedule(prepared.lengths, config.batch_size, 0, [0], config.seed))
+
+
 def plan(config: ScoreConfig, prepared: Prepared) -> Plan:
     """Epochs, warm-up, norm epochs and norm-pass batches of a run, and its summary."""
-    from gradfilter.method.schedule import member_schedule, snapshot_batches
+    from gradfilter.method.schedule import snapshot_batches
 
     ok, lengths = prepared.ok, prepared.lengths
     ensemble = METHODS[config.method].kind == "ensemble"
     epochs = (config.early if config.method == "grand" else config.epochs) if ensemble else 0
     norm_epochs = [e for e in config.norm_epochs() if e <= epochs] if ensemble else []
     passes = len(norm_epochs) if config.norms == "snapshot" else 0
-    spe = len(member_schedule(lengths, config.batch_size, 0, [0], config.seed)) if ok else 0
+    spe = steps_per_epoch(config, prepared)
     warmup = config.warmup_steps if ensemble else 0
     # Norm passes fold all members into one batch; forward-only methods do not.
     per_pass = config.members if ensemble else 1
@@ -211,6 +220,7 @@ def plan(config: ScoreConfig, prepared: Prepared) -> Plan:
             "late": config.late,
             "norm_epochs": norm_epochs,
             "norms": config.norms,
+            "early_after": config.early_after,
             "early_starts_at_step": warmup + (config.early - 1) * spe,
         }
         work = (
@@ -356,6 +366,8 @@ def _score(
     t0 = time.perf_counter()
     prepared = prepare(data, config, tok)
     timings["tokenize_s"] = time.perf_counter() - t0
+    if ensemble:
+        config = config.resolve_schedule(steps_per_epoch(config, prepared))
     config, budget = choose_token_budget(
         config, model, prepared, outdir, share=len(share) or None,
         agree=lambda b: min(gather(world, b)),

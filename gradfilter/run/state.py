@@ -284,4 +284,9 @@ def _other_settings(previous: dict, config: ScoreConfig) -> bool:
     if config.token_budget is None:
         theirs.pop("token_budget", None)
         ours.pop("token_budget")
+    if config.early_after:
+        # epochs follow from early_after and the rows (which the checkpoint hashes)
+        for k in ("early", "late", "epochs", "snapshots"):
+            theirs.pop(k, None)
+            ours.pop(k)
     return theirs != ours
