@@ -76,7 +76,7 @@ class QualityConfig:
     eval_every: int = 10
     lr: float = 2e-4
     max_length: int = 256  # the benchmark's rows are short; the run itself reads score_cfg
-    formulas: Sequence[str] = ("paper", "log_cv", "snr_cv", "rank")
+    formulas: Sequence[str] = ("paper", "log_cv", "snr_cv", "rank", "length_level")
 
 
 def _sample(
