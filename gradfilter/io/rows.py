@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "Row",
     "Source",
     "content_hash",
+    "iter_rows",
     "load_rows",
     "sniff_format",
     "write_subset",
@@ -289,8 +290,8 @@ def _is_hf_dataset_object(obj: Any) -> bool:
     return module.startswith("datasets")
 
 
-def _load_path(path: Path, format: str, fields: dict[str, str]) -> tuple[list[Row], Source]:
-    """:func:`load_rows` for a file or a saved-dataset folder."""
+def _checked_kind(path: Path, format: str) -> str:
+    """The format of ``path`` (sniffed for ``"auto"``), checked against what it is."""
     if format not in ("auto", *FILE_FORMATS):
         raise ValueError(
             f"unknown format {format!r}; use 'auto' or one of {', '.join(FILE_FORMATS)}"
@@ -305,6 +306,12 @@ def _load_path(path: Path, format: str, fields: dict[str, str]) -> tuple[list[Ro
             f"{str(path)!r} is a folder; format {kind!r} needs a file. "
             f"Accepted formats: {ACCEPTED_FORMATS}."
         )
+    return kind
+
+
+def _load_path(path: Path, format: str, fields: dict[str, str]) -> tuple[list[Row], Source]:
+    """:func:`load_rows` for a file or a saved-dataset folder."""
+    kind = _checked_kind(path, format)
     if kind == "jsonl":
         lines = formats.read_jsonl_lines(path)
         rows = [_jsonl_row(i, lineno, raw, fields) for i, (lineno, raw) in enumerate(lines)]
@@ -379,6 +386,71 @@ def load_rows(
         f"load_rows expects a path, a list of row dicts or a datasets.Dataset, "
         f"got {type(source).__name__}"
     )
+
+
+def iter_rows(
+    source: Any,
+    *,
+    fields: Mapping[str, str] | None = None,
+    format: str = "auto",
+    batch_rows: int = 4096,
+) -> Iterator[Row]:
+    """The rows of :func:`load_rows`, one at a time, without holding the input:
+    JSON Lines is read line by line, Parquet and saved datasets ``batch_rows``
+    rows at a time, Python inputs item by item.  A JSON file holding one list
+    is parsed whole (convert it to JSON Lines or Parquet for a corpus larger
+    than memory).  Rows, indices, ids and statuses equal :func:`load_rows`'s."""
+    resolved = _resolve_fields(fields)
+    if not isinstance(source, (str, os.PathLike)):
+        if _is_hf_dataset_object(source):
+            formats.check_dataset(source, "the given dataset")
+            yield from _iter_dataset(source, resolved, batch_rows)
+            return
+        if (
+            isinstance(source, (Mapping, bytes, bytearray))
+            or hasattr(source, "columns")
+            or not hasattr(source, "__iter__")
+        ):
+            load_rows(source, fields=fields)  # raises its TypeError for these
+        for i, rec in enumerate(source):
+            yield _make_row(i, rec, resolved)
+        return
+    path = Path(source)
+    kind = _checked_kind(path, format)
+    if kind == "jsonl":
+        with open(path, "rb") as f:
+            index = 0
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                raw = raw.rstrip(b"\n")
+                if raw.strip():
+                    yield _jsonl_row(index, lineno, raw, resolved)
+                    index += 1
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            for rec in batch.to_pylist():
+                yield _make_row(index, rec, resolved)
+                index += 1
+    elif kind == "hf_dataset":
+        yield from _iter_dataset(formats.read_hf_dataset(path), resolved, batch_rows)
+    else:
+        for i, rec in enumerate(formats.read_json(path)):
+            yield _make_row(i, rec, resolved)
+
+
+def _iter_dataset(dataset: Any, fields: dict[str, str], batch_rows: int) -> Iterator[Row]:
+    """Rows of a ``datasets.Dataset``, ``batch_rows`` at a time (columns to records)."""
+    index = 0
+    for start in range(0, len(dataset), batch_rows):
+        columns = dataset[start : start + batch_rows]
+        names = list(columns)
+        for i in range(len(columns[names[0]]) if names else 0):
+            yield _make_row(index, {k: columns[k][i] for k in names}, fields)
+            index += 1
 
 
 # ----------------------------------------------------------------------------- writing

@@ -264,8 +264,43 @@ def choose_token_budget(
 
     from gradfilter.method.registry import METHODS
 
+    choice = pick_token_budget(config, model, outdir, available=available, share=share, agree=agree)
+    if choice.how == "given":
+        return config, choice
+    members = config.members if METHODS[config.method].kind == "ensemble" else 1
+    budget = choice.token_budget
+    for i, enc in enumerate(prepared.encoded):
+        if enc is not None and not row_fits(len(enc.input_ids), members, budget):
+            prepared.rows[i].status = too_long_status(len(enc.input_ids), members, budget)
+            prepared.encoded[i] = None
+    return dataclasses.replace(config, token_budget=budget), choice
+
+
+def too_long_status(length: int, members: int, budget: int) -> str:
+    """The status of a row that does not fit an automatic token budget."""
+    return (
+        f"too long for the memory at hand ({length} tokens x {members} "
+        f"members > automatic token budget {budget}; score it with a shorter "
+        "--max-length, fewer --members or on a machine with more memory)"
+    )
+
+
+def pick_token_budget(
+    config: Any,
+    model: nn.Module,
+    outdir: str | None = None,
+    *,
+    available: int | None = None,
+    share: int | None = None,
+    agree: Any = None,
+) -> BudgetChoice:
+    """The budget part of :func:`choose_token_budget`, without touching any row."""
+    import dataclasses
+
+    from gradfilter.method.registry import METHODS
+
     if config.token_budget is not None:
-        return config, BudgetChoice(config.token_budget, "given")
+        return BudgetChoice(config.token_budget, "given")
     ensemble = METHODS[config.method].kind == "ensemble"
     members = config.members if ensemble else 1
     largest = members * config.batch_size * config.max_length  # the largest pass of a run
@@ -286,16 +321,7 @@ def choose_token_budget(
         if agree is not None:
             tokens = int(agree(tokens))
         choice = dataclasses.replace(choice, token_budget=tokens)
-    budget = choice.token_budget
-    for i, enc in enumerate(prepared.encoded):
-        if enc is not None and not row_fits(len(enc.input_ids), members, budget):
-            prepared.rows[i].status = (
-                f"too long for the memory at hand ({len(enc.input_ids)} tokens x {members} "
-                f"members > automatic token budget {budget}; score it with a shorter "
-                "--max-length, fewer --members or on a machine with more memory)"
-            )
-            prepared.encoded[i] = None
-    return dataclasses.replace(config, token_budget=budget), choice
+    return choice
 
 
 #: glibc mallopt parameters (malloc.h).

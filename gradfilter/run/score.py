@@ -122,7 +122,7 @@ class Prepared:
     def statuses(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.rows:
-            key = r.status.split(" (")[0].split(":")[0]
+            key = status_kind(r.status)
             out[key] = out.get(key, 0) + 1
         return out
 
@@ -172,43 +172,100 @@ def prepare(data: Any, config: ScoreConfig, tokenizer: Any) -> Prepared:
     return Prepared(rows, source, encoded)
 
 
+@dataclass
+class Counts:
+    """What a plan needs to know of the rows: their number, statuses (by kind),
+    the token count of each scorable row (input order) and how many were cut."""
+
+    rows: int
+    statuses: dict[str, int]
+    lengths: np.ndarray
+    truncated: int
+
+
+def status_kind(status: str) -> str:
+    """The kind of a row status, without the row's particulars ("ok", "empty
+    response", "invalid JSON on line 3 (...)" -> "invalid JSON on line 3")."""
+    return status.split(" (")[0].split(":")[0]
+
+
+def counts_of(prepared: Prepared) -> Counts:
+    return Counts(
+        rows=len(prepared.rows),
+        statuses=prepared.statuses(),
+        lengths=np.asarray(prepared.lengths, dtype=np.int64),
+        truncated=sum(1 for e in prepared.encoded if e is not None and e.truncated),
+    )
+
+
+def member_steps(n_rows: int, batch_size: int, level_batches: int = 4) -> int:
+    """Optimizer steps of one epoch of :func:`~gradfilter.method.schedule.member_schedule`
+    over ``n_rows`` rows (levels of ``level_batches`` batches, the last one short)."""
+    size = batch_size * level_batches
+    full, rest = divmod(n_rows, size)
+    return full * level_batches + -(-rest // batch_size)
+
+
+def snapshot_batch_count(lengths: np.ndarray, batch_size: int, token_budget: int | None) -> int:
+    """``len(snapshot_batches(lengths, batch_size, token_budget))`` without building them."""
+    n = 0
+    cur = 0
+    for length in np.sort(np.asarray(lengths, dtype=np.int64)).tolist():
+        if cur and (cur >= batch_size or (token_budget and (cur + 1) * length > token_budget)):
+            n += 1
+            cur = 0
+        cur += 1
+    return n + (1 if cur else 0)
+
+
 def steps_per_epoch(config: ScoreConfig, prepared: Prepared) -> int:
     """Optimizer steps in one epoch over the scorable rows."""
-    from gradfilter.method.schedule import member_schedule
-
-    if not prepared.ok:
-        return 0
-    return len(member_schedule(prepared.lengths, config.batch_size, 0, [0], config.seed))
+    return member_steps(len(prepared.ok), config.batch_size)
 
 
 def plan(config: ScoreConfig, prepared: Prepared) -> Plan:
     """Epochs, warm-up, norm epochs and norm-pass batches of a run, and its summary."""
     from gradfilter.method.schedule import snapshot_batches
 
-    ok, lengths = prepared.ok, prepared.lengths
+    ensemble = METHODS[config.method].kind == "ensemble"
+    per_pass = config.members if ensemble else 1
+    snaps = snapshot_batches(
+        prepared.lengths,
+        config.batch_size,
+        config.token_budget // per_pass if config.token_budget else None,
+    )
+    return plan_from_counts(config, counts_of(prepared), snaps)
+
+
+def plan_from_counts(config: ScoreConfig, counts: Counts, snaps: list | None = None) -> Plan:
+    """:func:`plan` from :class:`Counts` alone; without ``snaps`` (a dry run over a
+    stream) the norm-pass batches are counted, not built, and the plan holds none."""
     ensemble = METHODS[config.method].kind == "ensemble"
     epochs = (config.early if config.method == "grand" else config.epochs) if ensemble else 0
     norm_epochs = [e for e in config.norm_epochs() if e <= epochs] if ensemble else []
     passes = len(norm_epochs) if config.norms == "snapshot" else 0
-    spe = steps_per_epoch(config, prepared)
+    n_ok = len(counts.lengths)
+    spe = member_steps(n_ok, config.batch_size)
     warmup = config.warmup_steps if ensemble else 0
     # Norm passes fold all members into one batch; forward-only methods do not.
     per_pass = config.members if ensemble else 1
-    snaps = snapshot_batches(
-        lengths, config.batch_size, config.token_budget // per_pass if config.token_budget else None
+    budget = config.token_budget // per_pass if config.token_budget else None
+    n_snaps = (
+        len(snaps)
+        if snaps is not None
+        else snapshot_batch_count(counts.lengths, config.batch_size, budget)
     )
     summary = {
-        "rows": len(prepared.rows),
-        "scorable_rows": len(ok),
-        "statuses": prepared.statuses(),
-        "tokens": int(sum(lengths)),
-        "truncated_rows": sum(1 for e in prepared.encoded if e is not None and e.truncated),
+        "rows": counts.rows,
+        "scorable_rows": n_ok,
+        "statuses": counts.statuses,
+        "tokens": int(counts.lengths.sum()),
+        "truncated_rows": counts.truncated,
         "method": config.method,
         "training_steps": spe * epochs + warmup,
-        "snapshot_batches": passes * len(snaps),
+        "snapshot_batches": passes * n_snaps,
         "member_sequences_processed": (
-            len(ok) * config.members * (epochs + passes)
-            + warmup * config.batch_size * config.members
+            n_ok * config.members * (epochs + passes) + warmup * config.batch_size * config.members
         ),
     }
     if ensemble:
@@ -225,17 +282,17 @@ def plan(config: ScoreConfig, prepared: Prepared) -> Plan:
         }
         work = (
             f"{warmup} warm-up steps, {epochs} epochs x {spe} steps and {passes} snapshot "
-            f"passes x {len(snaps)} batches, {config.members} members in each folded pass"
+            f"passes x {n_snaps} batches, {config.members} members in each folded pass"
         )
         if config.norms == "inflight":
             work += f"; norms recorded in flight during epochs {norm_epochs}"
     else:
-        work = f"forward passes over {len(snaps)} batches ({config.method})"
+        work = f"forward passes over {n_snaps} batches ({config.method})"
     text = (
         f"{summary['rows']} rows ({summary['scorable_rows']} scorable; {summary['statuses']}), "
         f"{summary['tokens']} tokens, {summary['truncated_rows']} truncated; plan: {work}"
     )
-    return Plan(ensemble, epochs, norm_epochs, warmup, spe, snaps, passes, summary, text)
+    return Plan(ensemble, epochs, norm_epochs, warmup, spe, snaps or [], passes, summary, text)
 
 
 def check_proxy_settings(config: ScoreConfig) -> None:
@@ -363,37 +420,21 @@ def _score(
     t_start = time.perf_counter()
     model, tok = _load_proxy(config, model_and_tokenizer, device)
     timings = {"load_s": time.perf_counter() - t_start}
+    if dry_run:
+        return _dry_run(data, outdir, config, model, tok, world, share, say)
     t0 = time.perf_counter()
     prepared = prepare(data, config, tok)
     timings["tokenize_s"] = time.perf_counter() - t0
-    if ensemble:
-        config = config.resolve_schedule(steps_per_epoch(config, prepared))
     config, budget = choose_token_budget(
         config, model, prepared, outdir, share=len(share) or None,
         agree=lambda b: min(gather(world, b)),
     )  # fmt: skip
+    if ensemble:
+        config = config.resolve_schedule(steps_per_epoch(config, prepared))
     work = plan(config, prepared)
-    if world.distributed:
-        work.summary["parallel"] = {
-            "mode": "member",
-            "processes": world.size,
-            "members_by_rank": [
-                member_share(config.members, World(r, world.size)) for r in range(world.size)
-            ],
-        }
-        work.description += (
-            f"; member-parallel across {world.size} processes (members {share} on this one)"
-        )
+    _note_parallel(work, config, world, share)
     work.summary["token_budget"] = budget.to_json()
     say(f"{work.description}; {budget.describe()}")
-    if dry_run:
-        return ScoreResult(
-            [],
-            {"plan": work.summary, "config": dataclasses.asdict(config)},
-            outdir,
-            prepared.rows,
-            prepared.source,
-        )
     if not prepared.ok:
         _no_row_scored(config, prepared, work, outdir, world.main)
     if work.ensemble:
@@ -410,6 +451,46 @@ def _score(
     if outdir and world.main:
         write_outputs(outdir, records, run)
     return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
+
+
+def _note_parallel(work: Plan, config: ScoreConfig, world: World, share: list[int]) -> None:
+    if world.distributed:
+        work.summary["parallel"] = {
+            "mode": "member",
+            "processes": world.size,
+            "members_by_rank": [
+                member_share(config.members, World(r, world.size)) for r in range(world.size)
+            ],
+        }
+        work.description += (
+            f"; member-parallel across {world.size} processes (members {share} on this one)"
+        )
+
+
+def _dry_run(data, outdir, config, model, tok, world, share, say) -> ScoreResult:
+    """Plan the run over a stream of the rows (:mod:`gradfilter.run.stream`): host
+    memory bounded by a chunk of rows, whatever the corpus size; nothing trained."""
+    from gradfilter.run.budget import pick_token_budget
+    from gradfilter.run.stream import count_rows
+
+    ensemble = METHODS[config.method].kind == "ensemble"
+    budget = pick_token_budget(
+        config, model, outdir, share=len(share) or None, agree=lambda b: min(gather(world, b))
+    )
+    auto = None if budget.how == "given" else budget.token_budget
+    counts = count_rows(
+        data, config, tok, members=config.members if ensemble else 1, auto_budget=auto, log=say
+    )
+    config = dataclasses.replace(config, token_budget=budget.token_budget)
+    if ensemble:
+        config = config.resolve_schedule(member_steps(len(counts.lengths), config.batch_size))
+    work = plan_from_counts(config, counts)
+    _note_parallel(work, config, world, share)
+    work.summary["token_budget"] = budget.to_json()
+    say(f"{work.description}; {budget.describe()}")
+    return ScoreResult(
+        [], {"plan": work.summary, "config": dataclasses.asdict(config)}, outdir, [], None
+    )
 
 
 def _mark_non_finite(
