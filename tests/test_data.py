@@ -368,3 +368,57 @@ def test_smollm2_real_data_smoke(smollm2_tokenizer: Any) -> None:
             assert enc is not None and 0 < enc.n_response_tokens <= len(enc.input_ids) <= 256
             assert enc.truncated == (enc.n_tokens > 256)
     assert any(e is not None and e.truncated for e in encoded)
+
+
+def _one_by_one(rows: list[Row], tok: Any, max_length: int, template: str | None = None):
+    out = []
+    for r in rows:
+        try:
+            out.append(encode_row(r, tok, max_length, template) if r.status == "ok" else None)
+        except ValueError:
+            out.append(None)
+    return out
+
+
+@pytest.mark.parametrize("template", [None, "Q: {instruction} {input}\nA: "])
+def test_batched_encoding_equals_row_by_row(template: str | None) -> None:
+    rows, _ = load_rows(
+        [
+            {"instruction": "Add 2 and 3.", "output": "5"},
+            {"instruction": "Name it.", "input": "a red fruit", "output": "An apple, cut in two."},
+            {"instruction": "x" * 70, "output": "cut by max_length"},
+            {"instruction": "No output"},
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            },
+            {"instruction": "Unicode é ü ✓", "output": "fine ✓"},
+        ]
+    )
+    from gradfilter.io.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    encoded, _ = encode_rows(rows, tok, 48, template)
+    want = _one_by_one(rows, tok, 48, template)
+    for got, ref in zip(encoded, want, strict=True):
+        if ref is None or ref.n_response_tokens == 0:
+            assert got is None
+        else:
+            assert (got.input_ids, got.labels, got.truncated, got.n_tokens) == (
+                ref.input_ids, ref.labels, ref.truncated, ref.n_tokens,
+            )  # fmt: skip
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} absent")
+def test_smollm2_batched_encoding_equals_row_by_row(smollm2_tokenizer: Any) -> None:
+    rows, _ = load_rows(SHARED_DATA / "alpaca_9k.json")
+    sample = rows[:300]
+    encoded, statuses = encode_rows(sample, smollm2_tokenizer, max_length=256)
+    want = _one_by_one(sample, smollm2_tokenizer, 256)
+    assert statuses.count("ok") > 250
+    for got, ref, st in zip(encoded, want, statuses, strict=True):
+        if st == "ok":
+            assert got.input_ids == ref.input_ids and got.labels == ref.labels
+            assert (got.truncated, got.n_tokens) == (ref.truncated, ref.n_tokens)

@@ -350,6 +350,39 @@ def encode_row(
     return _finish(full.input_ids, full.labels, max_length)
 
 
+def _encode_alpaca_batch(
+    rows: Sequence[Row], tokenizer: Any, max_length: int, template: str | None, size: int = 1024
+) -> dict[int, EncodedRow]:
+    """:func:`encode_row` of the usable Alpaca rows, by position, with one tokenizer
+    call per ``size`` prompts and one per ``size`` responses (the same ids as one
+    call per text, several times faster); {} when the tokenizer takes no batch,
+    and rows of a batch that fails are left to :func:`encode_row`."""
+    todo = [
+        i
+        for i, r in enumerate(rows)
+        if r.status == "ok" and r.kind == "alpaca" and r.instruction is not None
+        and r.output is not None
+    ]  # fmt: skip
+    out: dict[int, EncodedRow] = {}
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for start in range(0, len(todo), size):
+        part = todo[start : start + size]
+        prompts = [render_prompt(rows[i].instruction, rows[i].input or "", template) for i in part]
+        try:
+            p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            r_ids = tokenizer([rows[i].output for i in part], add_special_tokens=False)["input_ids"]
+        except Exception:  # noqa: BLE001 - the row-by-row path reports each row's error
+            continue
+        if len(p_ids) != len(part) or len(r_ids) != len(part):
+            continue
+        for i, p, r in zip(part, p_ids, r_ids, strict=True):
+            p, r = list(p), list(r)
+            if eos is not None:
+                r = r + [eos]
+            out[i] = _finish(p + r, [IGNORE_INDEX] * len(p) + r, max_length)
+    return out
+
+
 def encode_rows(
     rows: Sequence[Row], tokenizer: Any, max_length: int, template: str | None = None
 ) -> tuple[list[EncodedRow | None], list[str]]:
@@ -364,15 +397,16 @@ def encode_rows(
     """
     if template is not None:
         render_prompt("", "", template)  # validate once, before the loop
+    ready = _encode_alpaca_batch(rows, tokenizer, max_length, template) if max_length >= 1 else {}
     encoded: list[EncodedRow | None] = []
     statuses: list[str] = []
-    for row in rows:
+    for i, row in enumerate(rows):
         if row.status != "ok":
             encoded.append(None)
             statuses.append(row.status)
             continue
         try:
-            enc = encode_row(row, tokenizer, max_length, template)
+            enc = ready[i] if i in ready else encode_row(row, tokenizer, max_length, template)
         except ValueError as e:
             encoded.append(None)
             statuses.append(f"encoding failed: {e}")
