@@ -74,6 +74,7 @@ class QualityConfig:
     train_steps: int = 60
     train_batch: int = 4
     eval_every: int = 10
+    eval_at_start: bool = True  # the held-out loss before training (the same for every subset)
     lr: float = 2e-4
     max_length: int = 256  # the benchmark's rows are short; the run itself reads score_cfg
     formulas: Sequence[str] = ("paper", "log_cv", "snr_cv", "rank", "length_level")
@@ -227,7 +228,8 @@ def _downstream(
     curves: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
     t0 = time.perf_counter()
     for step in range(cfg.train_steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.train_steps:
+        due = step % cfg.eval_every == 0 and (step > 0 or cfg.eval_at_start)
+        if due or step == cfg.train_steps:
             for n, loss in zip(
                 names, _heldout_losses(ens, held_enc, pad_id, cfg.train_batch * 2), strict=False
             ):
