@@ -38,6 +38,16 @@ def seed_runs(root: str) -> list[str]:
     return found or [root]
 
 
+def finished_runs(roots: list[str]) -> list[str]:
+    """The seed folders under ``roots`` whose G-SNR run stored its norms."""
+    return [
+        r
+        for root in roots
+        for r in seed_runs(root)
+        if os.path.exists(os.path.join(r, "gsnr", "norms.npz"))
+    ]
+
+
 def kinds_of(run: str) -> list[str | None]:
     with open(os.path.join(run, "labels.jsonl"), encoding="utf-8") as f:
         return [json.loads(line).get("kind") for line in f]
@@ -251,12 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    runs = [
-        r
-        for root in args.roots
-        for r in seed_runs(root)
-        if os.path.exists(os.path.join(r, "gsnr", "norms.npz"))
-    ]
+    runs = finished_runs(args.roots)
     if not runs:
         print("no finished G-SNR run with stored norms found", file=sys.stderr)
         return 2

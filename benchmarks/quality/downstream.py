@@ -39,7 +39,7 @@ from gradfilter.run.config import ScoreConfig
 from gradfilter.run.score import read_norms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from analyze import early_epoch, lengths_of, seed_runs  # noqa: E402
+from analyze import early_epoch, finished_runs, lengths_of  # noqa: E402
 
 #: (formula, S) pairs whose top 10% is trained on; see the criterion page.
 CANDIDATES = [("length_level", s) for s in (0, 50, 100)]
@@ -210,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreign", default="../shared/data/dolly_3k.json")
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    runs = [
-        r
-        for root in args.roots
-        for r in seed_runs(root)
-        if os.path.exists(os.path.join(r, "gsnr", "norms.npz"))
-    ]
+    runs = finished_runs(args.roots)
     if not runs:
         print("no finished G-SNR run with stored norms found", file=sys.stderr)
         return 2
