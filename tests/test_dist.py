@@ -155,6 +155,64 @@ def test_a_killed_torchrun_run_resumes_to_the_same_scores(setup):
     assert _scores(out) == _scores(full)
 
 
+def _workers(agent: int) -> dict[int, int]:
+    """``{RANK: pid}`` of the worker processes below a torchrun agent."""
+    found: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(name)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_kill_9_of_one_rank_and_the_same_torchrun_command_resumes(setup):
+    """SIGKILL of rank 1 mid-run: torchrun stops the run; the same command resumes
+    from each rank's last checkpoint to the uninterrupted run's scores."""
+    import signal
+    import time
+
+    folder, proxy, data = setup
+    out = folder / "kill9"
+    args = ["score", str(data), "-o", str(out), "--proxy", str(proxy), *ARGS]
+    args += ["--checkpoint-seconds", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch += ["--nproc-per-node", "2", "-m", "gradfilter"]
+    agent = subprocess.Popen(
+        [*launch, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    ckpts = [out / "checkpoint-rank0-of-2.pt", out / "checkpoint-rank1-of-2.pt"]
+    deadline = time.time() + 600
+    while agent.poll() is None and time.time() < deadline and not all(c.exists() for c in ckpts):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    ranks = _workers(agent.pid)
+    assert agent.poll() is None and 1 in ranks, "the run ended before it could be killed"
+    os.kill(ranks[1], signal.SIGKILL)
+    agent.wait(timeout=600)
+    assert agent.returncode != 0
+    assert not (out / "scores.jsonl").exists()
+    done = _gradfilter(args, nproc=2)
+    assert "resuming from" in done.stderr
+    full = folder / "many-2"
+    if not (full / "scores.jsonl").exists():
+        _gradfilter(["score", str(data), "-o", str(full), "--proxy", str(proxy), *ARGS], nproc=2)
+    assert _scores(out) == _scores(full)
+
+
 def test_a_share_of_the_members_computes_the_whole_folds_norms_bitwise(monkeypatch):
     """In one process, members 3-4 trained alone (as rank 1 of 2 would) give the
     very norms they get inside the five-member fold (fails, e.g., if a share took
