@@ -80,8 +80,12 @@ def score_config_from_args(args: argparse.Namespace, **given: Any) -> ScoreConfi
     field, ``--snapshots`` and ``--token-budget`` converted, then ``given``; fields
     the command has no option for keep their defaults."""
     names = {f.name for f in dataclasses.fields(ScoreConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["snapshots"] = _snapshots(args.snapshots, args.epochs)
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if values.get("early_after") is None and any(
+        getattr(args, k, None) is not None for k in ("epochs", "early", "late")
+    ):
+        values["early_after"] = 0  # epochs given by hand are taken literally
+    values["snapshots"] = _snapshots(args.snapshots, values.get("epochs", ScoreConfig.epochs))
     values["token_budget"] = args.token_budget
     return ScoreConfig(**{**values, **given})
 
@@ -222,9 +226,9 @@ def _add_score_adapter_args(p: argparse.ArgumentParser) -> None:
 
 def _add_score_snapshot_args(p: argparse.ArgumentParser) -> None:
     """Score arguments: epochs, the snapshots whose norms are kept, and the formula."""
-    p.add_argument("--epochs", type=int, default=D.epochs)
-    p.add_argument("--early", type=int, default=D.early, help="early snapshot after this epoch")
-    p.add_argument("--late", type=int, default=D.late, help="late snapshot after this epoch")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs trained ({D.epochs})")
+    p.add_argument("--early", type=int, default=None, help=f"the early norms' epoch ({D.early})")
+    p.add_argument("--late", type=int, default=None, help=f"the late norms' epoch ({D.late})")
     p.add_argument(
         "--snapshots",
         default=None,
@@ -242,10 +246,11 @@ def _add_score_snapshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--early-after",
         type=int,
-        default=D.early_after,
+        default=None,
         metavar="S",
         help="the early point at least S optimizer steps into training: on small data "
-        "--early, --late and --epochs move on by whole epochs until it is (0: as given)",
+        "--early, --late and --epochs move on by whole epochs until it is (0: as given; "
+        f"default {D.early_after}, or 0 when --epochs, --early or --late is given)",
     )
     p.add_argument(
         "--formula",

@@ -343,3 +343,27 @@ def test_early_after_run_records_its_schedule_and_finishes_again(tmp_path):
     # and equals the literal schedule it resolved to
     lit = run(tmp_path / "literal", epochs=4, early=3, late=4, norms="inflight")
     assert [r["score"] for r in lit.records] == [r["score"] for r in res.records]
+
+
+def test_cli_epochs_given_by_hand_are_taken_literally():
+    import argparse
+
+    from gradfilter.cli import _add_score_parser, score_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_score_parser(parser.add_subparsers(dest="command"))
+
+    def cfg(*extra):
+        return score_config_from_args(parser.parse_args(["score", "-o", "out", *extra]))
+
+    default = ScoreConfig()
+    got = cfg()
+    assert (got.early_after, got.epochs, got.early, got.late) == (
+        default.early_after, default.epochs, default.early, default.late,
+    )  # fmt: skip
+    for flags in (["--epochs", "3"], ["--early", "1", "--late", "2"], ["--late", "2"]):
+        assert cfg(*flags).early_after == 0
+    assert cfg("--epochs", "3", "--early-after", "20").early_after == 20
+    assert cfg("--early-after", "7").early_after == 7
+    assert cfg("--epochs", "3", "--snapshots", "all").snapshots == [1, 2, 3]
+    assert cfg("--snapshots", "all").snapshots == list(range(1, default.epochs + 1))
