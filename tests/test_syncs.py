@@ -270,3 +270,59 @@ def test_no_sync_in_the_backward_on_cuda(monkeypatch, kind):
     monkeypatch.setenv("GRADFILTER_BACKEND", "reference")
     want = per_example_grad_norms(model, ids, labels, mask)
     assert torch.allclose(got, want, rtol=1e-4)
+
+
+#: Where a training step reads its batch on the host, by design: the step's own
+#: bookkeeping (training.py) and the row layouts built from the host mask (layout.py).
+_HOST_SIDE = {"training.py", "layout.py"}
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["train", "train+norms"])
+def test_train_step_forward_loss_and_backward_read_nothing_on_the_host(monkeypatch, record):
+    """The whole step (forward, chunked loss, backward, optimizer): every host read
+    from gradfilter's code is made in the step's bookkeeping on the batch as it came
+    from the host (supervised positions, token counts, row layouts) or hands back
+    the results; none in the model's forward, the loss or the layers' backward,
+    whether the step runs in one chunk or in one chunk per row."""
+    ids, labels, mask = _batch()
+    batches = [(ids[:3], labels[:3], mask[:3])] * 2
+    outs = []
+    for max_tokens in (None, 2 * 12):  # one chunk; one row of each member per chunk
+        torch.manual_seed(0)
+        ens = LoRAEnsemble(tiny_llama(vocab_size=96), members=2, r=4, alpha=8, dropout=0.0, seed=1)
+        opt = ens.make_optimizer()
+        rec = SyncRecorder()
+        with recording(pytest.MonkeyPatch(), rec):
+            outs.append(ens.train_step(batches, opt, max_tokens=max_tokens, record_norms=record))
+        files = {c.rsplit(":", 1)[0].rsplit("/", 1)[-1] for _, c in rec.ours()}
+        assert files <= _HOST_SIDE, rec.ours()
+    first, second = (o if record else (o,) for o in outs)
+    for a, b in zip(first, second, strict=True):  # chunking only reorders float sums
+        assert torch.allclose(a, b, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_tokens", [None, 24])
+def test_train_step_syncs_on_cuda_do_not_grow_with_chunks(max_tokens):
+    """On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` names every sync of a whole
+    training step with norms: only the copies of its results to the host, the same
+    number in one chunk as in three."""
+    import warnings
+
+    ids, labels, mask = _batch()  # on the host, as a data loader yields them
+    batches = [(ids[:3], labels[:3], mask[:3])] * 2
+    torch.manual_seed(0)
+    ens = LoRAEnsemble(tiny_llama(vocab_size=96), members=2, r=4, alpha=8, dropout=0.0, seed=1)
+    ens = ens.to("cuda")
+    opt = ens.make_optimizer()
+    ens.train_step(batches, opt, max_tokens=max_tokens, record_norms=True)  # warm-up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ens.train_step(batches, opt, max_tokens=max_tokens, record_norms=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, [str(w.message) for w in syncs]

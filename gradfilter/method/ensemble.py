@@ -275,10 +275,14 @@ class LoRAEnsemble(nn.Module):
         step_context: dict | None = None,
         prefix_states: torch.Tensor | None = None,
         chunk: int | None = None,
+        supervised: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``([M], [M])``: each member's summed token cross-entropy over its block
         of folded rows, and its number of supervised tokens.  ``prefix_states``
         ``[M * B, T, d]`` start the forward at block ``layers_from``.
+        ``supervised``: the flat positions in ``labels[:, 1:]`` that carry a label
+        (int64, on the model's device), when the caller read them on the host;
+        otherwise they are found on the device (a host sync on a GPU).
 
         With a plain linear LM head the head and the loss run only on each row's
         own supervised positions, ``chunk`` of them at a time (None:
@@ -298,7 +302,7 @@ class LoRAEnsemble(nn.Module):
             prefix_states=prefix_states,
             hidden_states_only=True,
         )
-        losses, rows = self._token_losses(out.last_hidden_state, labels, chunk)
+        losses, rows = self._token_losses(out.last_hidden_state, labels, chunk, supervised)
         member = rows // (input_ids.shape[0] // self.members)
         sums = losses.new_zeros(self.members).index_add(0, member, losses)
         count = (labels[:, 1:] != -100).reshape(self.members, -1).sum(-1)
@@ -327,22 +331,33 @@ class LoRAEnsemble(nn.Module):
         return losses.sum() if losses.numel() else hidden.sum() * 0.0
 
     def _token_losses(
-        self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int | None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        chunk: int | None,
+        supervised: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``([K], [K])``: the cross-entropy at each supervised position of ``hidden``
-        ``[N, T, d]`` (position t predicts ``labels[:, t + 1]``), and its row."""
+        ``[N, T, d]`` (position t predicts ``labels[:, t + 1]``), and its row.
+        ``supervised``: those positions, flat in ``labels[:, 1:]`` (else found here)."""
         head = self._plain[1]
-        target = labels[:, 1:]
-        keep = target != -100  # [N, T - 1]
+        n, t, d = hidden.shape
+        if t < 2:  # no position predicts a next token
+            out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            return hidden.new_zeros(0, dtype=out), labels.new_zeros(0)
+        if supervised is None:
+            supervised = (labels[:, 1:] != -100).reshape(-1).nonzero().flatten()
+        rows = supervised // (t - 1)
+        at = rows * t + supervised % (t - 1)  # the same positions in [N, T]
         losses = linear_cross_entropy(
-            hidden[:, :-1][keep],  # [K, d]: supervised positions only
+            hidden.reshape(n * t, d).index_select(0, at),  # [K, d]: supervised only
             head.weight,
-            target[keep],
+            labels.reshape(-1).index_select(0, at + 1),
             head.bias,
             reduction="none",
             chunk=chunk or linear_ce.CHUNK_TOKENS,
         )
-        return losses, keep.nonzero()[:, 0]
+        return losses, rows
 
     def _member_ce_sums_full(self, input_ids, labels, attention_mask, step_context, prefix_states):
         """:meth:`member_ce_sums` through the model's own LM head (full logits)."""

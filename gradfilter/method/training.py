@@ -10,6 +10,7 @@ import torch
 
 from gradfilter.method.lora import pad_right
 from gradfilter.norms.fused import NormRecorder
+from gradfilter.norms.layout import to_device
 
 if TYPE_CHECKING:
     from gradfilter.method.ensemble import LoRAEnsemble
@@ -55,9 +56,10 @@ def train_step(
         raise ValueError(f"{len(member_batches)} batches for {ens.members} members")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    ids, labels, mask, lengths = _stack_batches(ens, member_batches, pad_to)
+    ids, labels, mask, lengths, host = _stack_batches(ens, member_batches, pad_to)
     bsz, seq = ids.shape[1], ids.shape[2]
-    counts = (labels[:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+    counts_host = (host[0][:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+    counts = to_device(counts_host, ids.device)
     prefix = _prefix_states(ens, ids, mask, member_rows, max_tokens)
     rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.fold_members * seq)))
     was = ens.training
@@ -67,16 +69,16 @@ def train_step(
     try:
         with torch.enable_grad():
             total, sq_norms, parts = _chunked_backward(
-                ens, (ids, labels, mask), counts, prefix, lengths, rows, record_norms
+                ens, (ids, labels, mask), host, counts, prefix, lengths, rows, record_norms
             )
             optimizer.step()
     finally:
         ens.train(was)
     ens.step += 1
-    losses = (total / counts.cpu()).float()
+    losses = (total / counts_host).float()
     if not record_norms:
         return losses
-    own, scale = _own_loss_scale(labels, counts, reduction)
+    own, scale = _own_loss_scale(host[0], counts_host, reduction)
     nan = torch.full_like(sq_norms, float("nan"))
     total_sq = torch.where(own > 0, sq_norms * scale, nan)
     if not by_factor:
@@ -88,20 +90,24 @@ def _stack_batches(
     ens: LoRAEnsemble,
     member_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     pad_to: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], tuple[torch.Tensor, ...]]:
     """The member batches right-padded to one length and stacked, ``[M, B, T]`` each
-    on the adapters' device, and each member's own padded length."""
+    on the adapters' device, each member's own padded length, and ``(labels,
+    mask)`` on the host: the step reads its shapes there (supervised positions,
+    token counts, row layouts), so the device never has to wait for the host."""
     bsz = member_batches[0][0].shape[0]
     if any(b[0].shape[0] != bsz for b in member_batches):
         raise ValueError("every member needs a batch of the same size")
     seq = max([b[0].shape[1] for b in member_batches] + [pad_to or 0])
     lengths = [b[0].shape[1] for b in member_batches]
     device = next(ens.adapters.parameters()).device
-    ids, labels, mask = (
-        torch.stack([pad_right(b[k], seq, v) for b in member_batches]).to(device)
+    stacked = [
+        torch.stack([pad_right(b[k], seq, v) for b in member_batches])
         for k, v in ((0, 0), (1, -100), (2, 0))
-    )  # [M, B, T]
-    return ids, labels, mask, lengths
+    ]  # [M, B, T], where the batches were (the host, from a data loader)
+    host = tuple(t if t.device.type == "cpu" else t.cpu() for t in stacked[1:])
+    ids, labels, mask = (to_device(t, device) for t in stacked)
+    return ids, labels, mask, lengths, host
 
 
 def _prefix_states(
@@ -128,6 +134,7 @@ def _prefix_states(
 def _chunked_backward(
     ens: LoRAEnsemble,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    host: tuple[torch.Tensor, torch.Tensor],
     counts: torch.Tensor,
     prefix: torch.Tensor | None,
     lengths: list[int],
@@ -141,17 +148,21 @@ def _chunked_backward(
     recorded ``[M, B]`` squared norms (total and per factor) of the step's loss.
     """
     ids, labels, mask = batch
+    host_labels, host_mask = host
     bsz, seq = ids.shape[1], ids.shape[2]
-    total = torch.zeros(ens.members, dtype=torch.float64)
-    sq_norms = torch.zeros(ens.members, bsz, dtype=torch.float64) if record_norms else None
-    parts = {k: torch.zeros(ens.members, bsz, dtype=torch.float64) for k in ("A", "B")}
+    dev = ids.device
+    # Everything accumulates where the gradients are; one copy to the host at the end.
+    total = torch.zeros(ens.members, dtype=torch.float64, device=dev)
+    sq_norms = torch.zeros(ens.members, bsz, dtype=torch.float64, device=dev)
+    parts = {k: torch.zeros(ens.members, bsz, dtype=torch.float64, device=dev) for k in "AB"}
     for r0 in range(0, bsz, rows):
         sl = slice(r0, min(bsz, r0 + rows))
         recorder = None
         if record_norms:
-            recorder = NormRecorder(
-                ens.members, sl.stop - sl.start, valid=mask[:, sl].reshape(-1, seq).bool()
-            )
+            valid = host_mask[:, sl].reshape(-1, seq).bool()
+            recorder = NormRecorder(ens.members, sl.stop - sl.start, valid=valid, device=dev)
+        # the supervised positions of the chunk, read on the host
+        keep = to_device((host_labels[:, sl, 1:] != -100).reshape(-1).nonzero().flatten(), dev)
         sums, _ = ens.member_ce_sums(
             ids[:, sl].reshape(-1, seq),
             labels[:, sl].reshape(-1, seq),
@@ -160,14 +171,18 @@ def _chunked_backward(
             prefix_states=None
             if prefix is None
             else prefix[:, sl].reshape(-1, seq, prefix.shape[-1]),
+            supervised=keep,
         )
         (sums / counts).sum().backward()
-        total += sums.detach().double().cpu()
+        total += sums.detach().double()
         if recorder is not None:
-            sq_norms[:, sl] = recorder.sq
-            for k in parts:
-                parts[k][:, sl] = recorder.part(k)
-    return total, sq_norms, parts
+            for k, dest in (None, sq_norms), *parts.items():
+                got = recorder.on_device(k)
+                if got is not None:
+                    dest[:, sl] = got
+    if not record_norms:
+        return total.cpu(), None, {}
+    return total.cpu(), sq_norms.cpu(), {k: v.cpu() for k, v in parts.items()}
 
 
 def _own_loss_scale(

@@ -40,13 +40,20 @@ class NormRecorder:
     gradient (e.g. the attention mask); others are skipped, not just zero.  It
     is read on the host here, once, before the forward (its
     :class:`~gradfilter.norms.layout.RowLayout`), so the layers' backward
-    enqueues its work without waiting for the device.
+    enqueues its work without waiting for the device; given on the host with
+    ``device`` (where the gradients will be), it costs no device sync at all.
     After the backward, ``sq`` is ``[members, rows]`` (float64): for each
     member and example, the squared norm of that example's share of the
     gradient of all the recorded stacked parameters.
     """
 
-    def __init__(self, members: int, rows: int, valid: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        members: int,
+        rows: int,
+        valid: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         if members < 1 or rows < 1:
             raise ValueError(f"members and rows must be positive, got {members} and {rows}")
         if valid is not None and (valid.dim() != 2 or valid.shape[0] != members * rows):
@@ -55,7 +62,9 @@ class NormRecorder:
                 f"got {tuple(valid.shape)}"
             )
         self.members, self.rows = members, rows
-        self.layout = None if valid is None else RowLayout.from_mask(valid).prepare(valid.device)
+        # ``valid`` on the host and ``device`` (the gradients' device) given: no sync at all
+        where = valid.device if device is None and valid is not None else device
+        self.layout = None if valid is None else RowLayout.from_mask(valid).prepare(where)
         self._sq: torch.Tensor | None = None  # summed on the gradients' device
         self._parts: dict[str, torch.Tensor] = {}
         self.layers = 0
@@ -68,6 +77,11 @@ class NormRecorder:
         if part is not None:
             self._parts[part] = sq if part not in self._parts else self._parts[part] + sq
         self.layers += 1
+
+    def on_device(self, name: str | None = None) -> torch.Tensor | None:
+        """The sum over the layers (``name``: of one part) where the gradients are,
+        without a copy to the host; None before any layer reported."""
+        return self._sq if name is None else self._parts.get(name)
 
     def part(self, name: str) -> torch.Tensor:
         """``[members, rows]`` float64 on the CPU: the sum over the layers reported as ``name``."""

@@ -20,6 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: on CUDA through
+    pinned memory and an asynchronous copy (a copy from pageable memory would wait
+    for the work already queued)."""
+    device = torch.device(device)
+    if host.device.type == "cpu" and device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @dataclass(frozen=True, eq=False)
 class RowLayout:
     """The rows of a ``[B, T]`` batch that carry gradient.
@@ -109,12 +119,7 @@ class RowLayout:
         device = torch.device(device)
         full = (*key, str(device))
         if full not in self._device:
-            host = build()
-            if device.type == "cuda":
-                host = host.pin_memory().to(device, non_blocking=True)
-            elif device.type != "cpu":
-                host = host.to(device)
-            self._device[full] = host
+            self._device[full] = to_device(build(), device)
         return self._device[full]
 
     def prepare(self, device: torch.device) -> RowLayout:
