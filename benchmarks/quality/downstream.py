@@ -43,6 +43,8 @@ from analyze import early_epoch, finished_runs, lengths_of  # noqa: E402
 
 #: (formula, S) pairs whose top 10% is trained on; see the criterion page.
 CANDIDATES = [("length_level", s) for s in (0, 50, 100)]
+#: The next candidates by mean AUROC (five runs), for when the first fail the guard.
+NEXT = [("snr_cv", 50), ("snr_cv", 0), ("log_cv", 0), ("rank", 0), ("paper", 50), ("paper", 0)]
 REFERENCE = "low loss"  # the proxy's own loss, low kept: reported, not a candidate
 
 
@@ -77,7 +79,9 @@ def _pool(run: str, qcfg: QualityConfig, data: str, foreign: str | None):
     return pool, heldout, corrupted_mask(labels)
 
 
-def subsets_of(run: str, k: int) -> dict[str, list[int]]:
+def subsets_of(
+    run: str, k: int, candidates: list[tuple[str, int]] | None = None, reference: bool = True
+) -> dict[str, list[int]]:
     """Top-k row indices of every candidate and of the low-loss reference."""
     norms = read_norms(os.path.join(run, "gsnr"))
     with open(os.path.join(run, "gsnr", "run.json"), encoding="utf-8") as f:
@@ -87,7 +91,7 @@ def subsets_of(run: str, k: int) -> dict[str, list[int]]:
     n = norms["sq"].shape[0]
     lengths = lengths_of(run, norms)[ok]
     out: dict[str, list[int]] = {}
-    for formula, s in CANDIDATES:
+    for formula, s in CANDIDATES if candidates is None else candidates:
         e = early_epoch(s, spe)
         if e + 1 not in epochs:
             continue
@@ -97,7 +101,7 @@ def subsets_of(run: str, k: int) -> dict[str, list[int]]:
         full[ok] = gsnr_components(es, ls, GSNRConfig(formula=formula), lengths)["gsnr"]
         out[f"{formula}@S={s}"] = select_top(full, top_k=k).tolist()
     loss_file = os.path.join(run, "loss", "scores.jsonl")
-    if os.path.exists(loss_file):
+    if reference and os.path.exists(loss_file):
         with open(loss_file, encoding="utf-8") as f:
             loss = np.array(
                 [np.nan if (v := json.loads(line)["score"]) is None else v for line in f]
@@ -106,7 +110,9 @@ def subsets_of(run: str, k: int) -> dict[str, list[int]]:
     return out
 
 
-def run_one(run: str, out_dir: str, data: str, foreign: str | None) -> dict:
+def run_one(
+    run: str, out_dir: str, data: str, foreign: str | None, next_tier: bool = False
+) -> dict:
     qcfg, scfg = _settings(run)
     name = f"{qcfg.pool}-seed{qcfg.seed}"
     path = os.path.join(out_dir, f"{name}.json")
@@ -115,7 +121,7 @@ def run_one(run: str, out_dir: str, data: str, foreign: str | None) -> dict:
             return json.load(f)
     pool, heldout, corrupted = _pool(run, qcfg, data, foreign)
     k = max(1, math.floor(qcfg.select_ratio * len(pool)))
-    subsets = subsets_of(run, k)
+    subsets = subsets_of(run, k, NEXT, reference=False) if next_tier else subsets_of(run, k)
     for s in qcfg.random_seeds:
         subsets[f"random-{s}"] = np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
     from gradfilter.io.models import load_proxy
@@ -208,13 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--data", default="../shared/data/alpaca_9k.json")
     p.add_argument("--foreign", default="../shared/data/dolly_3k.json")
+    p.add_argument(
+        "--next",
+        action="store_true",
+        help="train the next candidates by AUROC (NEXT) instead of the first (CANDIDATES)",
+    )
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     runs = finished_runs(args.roots)
     if not runs:
         print("no finished G-SNR run with stored norms found", file=sys.stderr)
         return 2
-    results = [run_one(r, args.output, args.data, args.foreign) for r in runs]
+    results = [run_one(r, args.output, args.data, args.foreign, args.next) for r in runs]
     summary = summarise(results)
     with open(os.path.join(args.output, "downstream.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
