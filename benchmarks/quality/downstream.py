@@ -111,7 +111,12 @@ def subsets_of(
 
 
 def run_one(
-    run: str, out_dir: str, data: str, foreign: str | None, next_tier: bool = False
+    run: str,
+    out_dir: str,
+    data: str,
+    foreign: str | None,
+    next_tier: bool = False,
+    token_budget: int | None = None,
 ) -> dict:
     qcfg, scfg = _settings(run)
     name = f"{qcfg.pool}-seed{qcfg.seed}"
@@ -131,6 +136,8 @@ def run_one(
     held_enc = _encode_all(heldout, tok, scfg.max_length)
     # the final loss decides; before training every subset has the same loss
     cfg = dataclasses.replace(qcfg, eval_every=qcfg.train_steps, eval_at_start=False)
+    if token_budget:  # smaller folded passes: less memory, the same steps
+        scfg = dataclasses.replace(scfg, token_budget=token_budget)
 
     def say(msg: str) -> None:
         print(f"[{name}] {msg}", file=sys.stderr, flush=True)
@@ -219,13 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train the next candidates by AUROC (NEXT) instead of the first (CANDIDATES)",
     )
+    p.add_argument("--token-budget", type=int, default=None, help="padded tokens per folded pass")
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     runs = finished_runs(args.roots)
     if not runs:
         print("no finished G-SNR run with stored norms found", file=sys.stderr)
         return 2
-    results = [run_one(r, args.output, args.data, args.foreign, args.next) for r in runs]
+    results = [
+        run_one(r, args.output, args.data, args.foreign, args.next, args.token_budget) for r in runs
+    ]
     summary = summarise(results)
     with open(os.path.join(args.output, "downstream.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
