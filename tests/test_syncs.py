@@ -305,8 +305,9 @@ def test_train_step_forward_loss_and_backward_read_nothing_on_the_host(monkeypat
 @pytest.mark.parametrize("max_tokens", [None, 24])
 def test_train_step_syncs_on_cuda_do_not_grow_with_chunks(max_tokens):
     """On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` names every sync of a whole
-    training step with norms: only the copies of its results to the host, the same
-    number in one chunk as in three."""
+    training step with norms: gradfilter's own are only the copies of its results
+    to the host, the same number in one chunk as in three (syncs inside
+    transformers' own forward are not counted)."""
     import warnings
 
     ids, labels, mask = _batch()  # on the host, as a data loader yields them
@@ -325,4 +326,6 @@ def test_train_step_syncs_on_cuda_do_not_grow_with_chunks(max_tokens):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 4, [str(w.message) for w in syncs]
+    ours = [w for w in syncs if f"{os.sep}gradfilter{os.sep}" in w.filename]
+    # total, the norms and their A and B parts: one copy each, however many chunks
+    assert len(ours) <= 4, [f"{w.filename}:{w.lineno}" for w in ours]
