@@ -227,15 +227,31 @@ def main(argv: list[str] | None = None) -> int:
         help="train the next candidates by AUROC (NEXT) instead of the first (CANDIDATES)",
     )
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per folded pass")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="only tabulate the runs already trained in OUT (no training)",
+    )
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     runs = finished_runs(args.roots)
     if not runs:
         print("no finished G-SNR run with stored norms found", file=sys.stderr)
         return 2
-    results = [
-        run_one(r, args.output, args.data, args.foreign, args.next, args.token_budget) for r in runs
-    ]
+    if args.summary_only:
+        results = []
+        for name in sorted(os.listdir(args.output)):
+            if name.endswith(".json") and name != "downstream.json":
+                with open(os.path.join(args.output, name), encoding="utf-8") as f:
+                    results.append(json.load(f))
+        if not results:
+            print(f"no trained run in {args.output}", file=sys.stderr)
+            return 2
+    else:
+        results = [
+            run_one(r, args.output, args.data, args.foreign, args.next, args.token_budget)
+            for r in runs
+        ]
     summary = summarise(results)
     with open(os.path.join(args.output, "downstream.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
