@@ -166,7 +166,9 @@ def _finished(folder: str, mcfg: Any) -> Any:
     same = json.loads(json.dumps(dataclasses.asdict(mcfg)))
     theirs = dict(run.get("config") or {})
     if mcfg.early_after:  # the run resolved these from early_after and its rows
-        for k in ("early", "late", "epochs", "snapshots"):
+        from gradfilter.run.config import RESOLVED_FIELDS
+
+        for k in RESOLVED_FIELDS:
             theirs.pop(k, None)
             same.pop(k)
     return (records, run) if theirs == same else None

@@ -8,6 +8,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The fields that ``resolve_schedule`` sets from ``early_after`` and the rows: two
+#: configs with the same ``early_after`` (> 0) are compared without them.
+RESOLVED_FIELDS = ("early", "late", "epochs", "snapshots")
+
 
 @dataclass
 class ScoreConfig:

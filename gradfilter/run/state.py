@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradfilter.run.config import ScoreConfig
+from gradfilter.run.config import RESOLVED_FIELDS, ScoreConfig
 from gradfilter.run.records import NORMS_FILE, RUN_FILE, SCORES_FILE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -286,7 +286,7 @@ def _other_settings(previous: dict, config: ScoreConfig) -> bool:
         ours.pop("token_budget")
     if config.early_after:
         # epochs follow from early_after and the rows (which the checkpoint hashes)
-        for k in ("early", "late", "epochs", "snapshots"):
+        for k in RESOLVED_FIELDS:
             theirs.pop(k, None)
             ours.pop(k)
     return theirs != ours
