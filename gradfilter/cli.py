@@ -289,6 +289,13 @@ def _add_score_training_args(p: argparse.ArgumentParser) -> None:
         "else the CPU), cpu, cuda or cuda:N",
     )
     p.add_argument(
+        "--parallel",
+        default=D.parallel,
+        help="under torchrun: auto (member-parallel when the processes are at most the "
+        "members, else member groups x data-parallel processes), member, data, or AxB "
+        "(A member groups x B processes each); see docs/scale-out.md",
+    )
+    p.add_argument(
         "--template",
         default=None,
         help="prompt template with {instruction} and {input} (Alpaca rows)",

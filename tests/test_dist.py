@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from gradfilter.io.models import tiny_llama, tiny_tokenizer
-from gradfilter.run.dist import World, member_share
+from gradfilter.run.dist import Layout, World, choose_layout, member_share, split_rows
 
 ROWS = [
     {
@@ -45,6 +45,57 @@ def test_members_are_split_in_contiguous_shares(members, size, expected):
 def test_more_processes_than_members_is_refused():
     with pytest.raises(ValueError, match="at most as many processes as members"):
         member_share(2, World(0, 3))
+
+
+@pytest.mark.parametrize(
+    "members, size, mode, expected",
+    [
+        (5, 1, "auto", Layout(1, 1)),
+        (5, 2, "auto", Layout(2, 1)),
+        (5, 5, "auto", Layout(5, 1)),
+        (5, 6, "auto", Layout(3, 2)),
+        (5, 7, "auto", Layout(1, 7)),
+        (2, 4, "auto", Layout(2, 2)),
+        (5, 2, "data", Layout(1, 2)),
+        (5, 4, "member", Layout(4, 1)),
+        (4, 6, "2x3", Layout(2, 3)),
+    ],
+)
+def test_the_layout_of_processes(members, size, mode, expected):
+    layout = choose_layout(members, size, mode)
+    assert layout == expected and layout.size == size
+    shares = [layout.share(members, r) for r in range(size)]
+    # each member group holds a contiguous share, every member exactly once
+    assert sorted(m for g in range(layout.groups) for m in shares[g * layout.data]) == list(
+        range(members)
+    )
+    for r in range(size):
+        assert shares[r] == shares[layout.group(r) * layout.data]
+
+
+@pytest.mark.parametrize(
+    "members, size, mode, message",
+    [
+        (2, 3, "member", "at most as many processes as members"),
+        (5, 4, "3x2", "needs 6 processes"),
+        (2, 3, "3x1", "3 member groups for 2 members"),
+        (5, 2, "rows", "parallel must be"),
+        (5, 2, "0x2", "parallel must be"),
+    ],
+)
+def test_a_layout_that_cannot_hold_the_run_is_refused(members, size, mode, message):
+    with pytest.raises(ValueError, match=message):
+        choose_layout(members, size, mode)
+
+
+def test_a_batch_is_split_in_contiguous_parts_that_cover_it():
+    for n in range(0, 12):
+        for parts in range(1, 5):
+            got = [split_rows(n, parts, p) for p in range(parts)]
+            assert got[0][0] == 0 and got[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(got, got[1:], strict=False))
+            sizes = [b - a for a, b in got]
+            assert max(sizes) - min(sizes) <= 1
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +164,47 @@ def test_torchrun_gives_the_single_process_scores(setup, nproc):
     assert "another number of processes" in again.stderr
 
 
-def _killed_rank(rank, size, port, data, out, proxy):
+@pytest.mark.parametrize(
+    "nproc, parallel, extra, says",
+    [
+        (2, "data", [], "data-parallel across 2"),
+        # uneven: batches of 4 rows in parts of 2/1/1, and a 2-row step leaves one
+        # process without rows (it still takes part in the gradient sum)
+        (3, "data", ["--norms", "snapshot"], "data-parallel across 3"),
+        (4, "2x2", ["--members", "4", "--norms", "snapshot"], "2 member groups"),
+    ],
+)
+def test_data_parallel_gives_the_single_process_scores(setup, nproc, parallel, extra, says):
+    import numpy as np
+
+    folder, proxy, data = setup
+    common = ["score", str(data), "--proxy", str(proxy), *ARGS, *extra]
+    one = folder / ("one" + "".join(extra))
+    if not (one / "scores.jsonl").exists():
+        _gradfilter([*common, "-o", str(one)])
+    many = folder / f"dp-{nproc}-{parallel}"
+    done = _gradfilter([*common, "-o", str(many), "--parallel", parallel], nproc=nproc)
+    assert says in done.stderr
+    a, b = _scores(one), _scores(many)
+    assert [(r["index"], r["id"]) for r in a] == [(r["index"], r["id"]) for r in b]
+    # The gradients of a step are summed over processes, not within one: float32
+    # rounding, not bit for bit.
+    ga = np.array([np.nan if r["gsnr"] is None else r["gsnr"] for r in a])
+    gb = np.array([np.nan if r["gsnr"] is None else r["gsnr"] for r in b])
+    assert np.isfinite(ga).sum() > 20
+    np.testing.assert_allclose(gb, ga, rtol=1e-4)
+    assert [r["rank"] for r in a] == [r["rank"] for r in b]
+    n1, n2 = np.load(one / "norms.npz"), np.load(many / "norms.npz")
+    np.testing.assert_allclose(n2["sq"], n1["sq"], rtol=1e-4)
+    assert np.array_equal(n1["visit_step"], n2["visit_step"])
+    r1, r2 = (json.loads((d / "run.json").read_text()) for d in (one, many))
+    np.testing.assert_allclose(r2["final_losses"], r1["final_losses"], rtol=1e-5)
+    assert r2["tokens_processed"] == r1["tokens_processed"]  # each row counted once
+    layout = r2["plan"]["parallel"]
+    assert layout["processes"] == layout["member_groups"] * layout["processes_per_group"] == nproc
+
+
+def _killed_rank(rank, size, port, data, out, proxy, parallel="auto", seconds=60.0):
     """One process of a run stopped (as if killed) after two training steps."""
     os.environ.update(
         WORLD_SIZE=str(size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -123,7 +214,8 @@ def _killed_rank(rank, size, port, data, out, proxy):
 
     config = ScoreConfig(
         proxy=str(proxy), rank=2, alpha=4, epochs=2, batch_size=4, max_length=96, lr=5e-3,
-        norms="inflight", token_budget=200, device="cpu",
+        norms="inflight", token_budget=200, device="cpu", parallel=parallel,
+        checkpoint_seconds=seconds,
     )  # fmt: skip
     try:
         score(str(data), str(out), config, progress=False, log=lambda s: None, stop_after=3)
@@ -155,6 +247,32 @@ def test_a_killed_torchrun_run_resumes_to_the_same_scores(setup):
     assert _scores(out) == _scores(full)
 
 
+def test_a_data_parallel_process_one_checkpoint_behind_resumes_with_its_group(setup):
+    """A data-parallel group saves together, and keeps the checkpoint before; a
+    process killed while saving holds only the one before.  The group resumes from
+    the step all its processes have, to the uninterrupted run's scores."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder, proxy, data = setup
+    out = folder / "dp-behind"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_killed_rank, args=(2, port, data, out, proxy, "data", 0.0), nprocs=2, join=True)
+    behind = out / "checkpoint-rank1-of-2.pt"
+    assert (out / "checkpoint-rank0-of-2.pt.prev").exists()
+    os.replace(str(behind) + ".prev", behind)  # rank 1 lost its last save
+    args = ["score", str(data), "--proxy", str(proxy), *ARGS, "--parallel", "data"]
+    done = _gradfilter([*args, "-o", str(out)], nproc=2)
+    assert "resuming from" in done.stderr and "epoch 0, step 2," in done.stderr
+    full = folder / "dp-2-data"
+    if not (full / "scores.jsonl").exists():
+        _gradfilter([*args, "-o", str(full)], nproc=2)
+    assert _scores(out) == _scores(full)
+
+
 def _workers(agent: int) -> dict[int, int]:
     """``{RANK: pid}`` of the worker processes below a torchrun agent."""
     found: dict[int, int] = {}
@@ -176,16 +294,17 @@ def _workers(agent: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
-def test_kill_9_of_one_rank_and_the_same_torchrun_command_resumes(setup):
+@pytest.mark.parametrize("parallel", ["member", "data"])
+def test_kill_9_of_one_rank_and_the_same_torchrun_command_resumes(setup, parallel):
     """SIGKILL of rank 1 mid-run: torchrun stops the run; the same command resumes
     from each rank's last checkpoint to the uninterrupted run's scores."""
     import signal
     import time
 
     folder, proxy, data = setup
-    out = folder / "kill9"
+    out = folder / f"kill9-{parallel}"
     args = ["score", str(data), "-o", str(out), "--proxy", str(proxy), *ARGS]
-    args += ["--checkpoint-seconds", "0"]
+    args += ["--checkpoint-seconds", "0", "--parallel", parallel]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(k, None)
@@ -207,9 +326,13 @@ def test_kill_9_of_one_rank_and_the_same_torchrun_command_resumes(setup):
     assert not (out / "scores.jsonl").exists()
     done = _gradfilter(args, nproc=2)
     assert "resuming from" in done.stderr
-    full = folder / "many-2"
+    full = folder / ("many-2" if parallel == "member" else "dp-2-data")
     if not (full / "scores.jsonl").exists():
-        _gradfilter(["score", str(data), "-o", str(full), "--proxy", str(proxy), *ARGS], nproc=2)
+        _gradfilter(
+            ["score", str(data), "-o", str(full), "--proxy", str(proxy), *ARGS]
+            + ["--parallel", parallel],
+            nproc=2,
+        )
     assert _scores(out) == _scores(full)
 
 

@@ -195,3 +195,56 @@ def test_norm_pass_in_chunks_equals_one_pass():
         assert torch.allclose(per[k], per_whole[k], rtol=1e-6)
     with pytest.raises(ValueError, match="row indices"):
         ens.per_example_grad_norms(ids, labels, mask, rows=[0, 1])
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_the_parts_of_a_step_add_up_to_the_whole_step(record):
+    """Data-parallel arithmetic in one process: a step cut into row parts (each with
+    the whole batches' token counts, its rows' places and the whole padded
+    lengths) gives gradients that sum to the whole step's, the same summed loss,
+    and (recorded in flight) the same per-row norms; dropout is on, so a wrong
+    row offset would draw other masks."""
+    rows = dataset(n=24, seed=3)
+    ens = LoRAEnsemble(base("llama"), members=3, r=2, alpha=4, dropout=0.3)
+    opt = ens.make_optimizer(lr=0.0)  # the parameters stay where they are
+    step = [[0, 5, 9, 2, 7], [1, 3, 11, 4, 8], [6, 10, 12, 13, 14]]
+    whole = [collate(rows, idx) for idx in step]
+    counts = [int((b[1][:, 1:] != -100).sum()) for b in whole]
+    widths = [b[0].shape[1] for b in whole]
+    pad_to = max(widths)
+    params = list(ens.adapters.parameters())
+
+    def run(batches, **kw):
+        got = {}
+
+        def capture(total):
+            got["grads"] = [None if p.grad is None else p.grad.clone() for p in params]
+            got["total"] = total.clone()
+            return total
+
+        ens.step = 7
+        out = ens.train_step(
+            batches, opt, record_norms=record, grad_sync=capture, pad_to=pad_to, **kw
+        )
+        return got, out
+
+    full, out_full = run(whole)
+    pieces = [(0, 2), (2, 3), (3, 5)]
+    parts = [
+        run(
+            [collate(rows, idx[a:b]) for idx in step],
+            part_of=(counts, a, widths),
+        )
+        for a, b in pieces
+    ]
+    for k, g in enumerate(full["grads"]):
+        torch.testing.assert_close(sum(p[0]["grads"][k] for p in parts), g, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sum(p[0]["total"] for p in parts), full["total"], rtol=1e-6, atol=0)
+    if record:
+        sq = torch.cat([p[1][1] for p in parts], dim=1)
+        torch.testing.assert_close(sq, out_full[1], rtol=1e-5, atol=0)
+    # an empty part (a process without rows in a short step) adds nothing
+    none = (torch.zeros(0, 0, dtype=torch.long),) * 2 + (torch.zeros(0, 0, dtype=torch.long),)
+    empty, _ = run([none] * 3, part_of=(counts, 5, widths))
+    assert all(g is None for g in empty["grads"])
+    assert not empty["total"].any()

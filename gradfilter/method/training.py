@@ -3,7 +3,7 @@ batch, in one folded forward and backward; per-example norms on the side."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +26,8 @@ def train_step(
     reduction: str = "mean",
     by_factor: bool = False,
     pad_to: int | None = None,
+    part_of: tuple[torch.Tensor, int, Sequence[int]] | None = None,
+    grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """One optimiser step for all members, each on its own batch.
 
@@ -51,6 +53,15 @@ def train_step(
     ``pad_to``: pad the folded batch to at least this length, and chunks are sized
     for ``ens.fold_members`` members: a process that trains a share of a larger
     ensemble computes what that ensemble's folded step computes for its members.
+
+    Data-parallel (``part_of`` and ``grad_sync``): the batches are rows
+    ``first_row..`` of larger member batches that other processes hold the rest
+    of.  ``part_of = (counts, first_row, lengths)``: the whole batches' ``[M]``
+    supervised token counts (the loss is their mean), the place of these rows in
+    them (their dropout masks) and each member's whole padded length.
+    ``grad_sync(total)`` is called after the backward, before the optimiser
+    step: it sums the LoRA gradients and the ``[M]`` token-loss sums over the
+    processes and returns the summed losses.  The batches may then be empty.
     """
     if len(member_batches) != ens.members:
         raise ValueError(f"{len(member_batches)} batches for {ens.members} members")
@@ -58,10 +69,18 @@ def train_step(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     ids, labels, mask, lengths, host = _stack_batches(ens, member_batches, pad_to)
     bsz, seq = ids.shape[1], ids.shape[2]
-    counts_host = (host[0][:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+    first_row = 0
+    if part_of is None:
+        counts_host = (host[0][:, :, 1:] != -100).sum(dim=(1, 2)).clamp(min=1)
+    else:
+        whole, first_row, lengths = part_of
+        counts_host = torch.as_tensor(whole, dtype=torch.int64).clamp(min=1)
+        lengths = list(lengths)
     counts = to_device(counts_host, ids.device)
-    prefix = _prefix_states(ens, ids, mask, member_rows, max_tokens)
-    rows = bsz if not max_tokens else max(1, min(bsz, max_tokens // (ens.fold_members * seq)))
+    prefix = _prefix_states(ens, ids, mask, member_rows, max_tokens) if bsz else None
+    rows = (
+        max(1, bsz) if not max_tokens else max(1, min(bsz, max_tokens // (ens.fold_members * seq)))
+    )
     was = ens.training
     ens.train()
     ens.base.eval()  # base dropout off; only the adapters' dropout is active
@@ -69,8 +88,11 @@ def train_step(
     try:
         with torch.enable_grad():
             total, sq_norms, parts = _chunked_backward(
-                ens, (ids, labels, mask), host, counts, prefix, lengths, rows, record_norms
-            )
+                ens, (ids, labels, mask), host, counts, prefix, lengths, rows, record_norms,
+                first_row,
+            )  # fmt: skip
+            if grad_sync is not None:
+                total = grad_sync(total)
             optimizer.step()
     finally:
         ens.train(was)
@@ -140,6 +162,7 @@ def _chunked_backward(
     lengths: list[int],
     rows: int,
     record_norms: bool,
+    first_row: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward and backward of the step's loss in chunks of ``rows`` rows per member,
     accumulating the gradient.
@@ -167,7 +190,7 @@ def _chunked_backward(
             ids[:, sl].reshape(-1, seq),
             labels[:, sl].reshape(-1, seq),
             mask[:, sl].reshape(-1, seq),
-            step_context={"lengths": lengths, "first_row": r0, "recorder": recorder},
+            step_context={"lengths": lengths, "first_row": first_row + r0, "recorder": recorder},
             prefix_states=None
             if prefix is None
             else prefix[:, sl].reshape(-1, seq, prefix.shape[-1]),

@@ -69,11 +69,18 @@ class ScoreConfig:
     # else the CPU; or "cpu", "cuda", "cuda:N".  Not in the identity: a run may
     # resume on another device.
     device: str = "auto"
+    # Across torchrun processes: "auto", "member", "data" or "AxB" (member groups x
+    # processes per group); see gradfilter.run.dist.  Not in the identity: the
+    # checkpoints record the layout they were written with.
+    parallel: str = "auto"
 
     def validate(self) -> None:
         from gradfilter.method.registry import method
 
         method(self.method)  # a clear error for an unknown method
+        from gradfilter.run.dist import check_parallel
+
+        check_parallel(self.parallel)
         if self.members < 1:
             raise ValueError(f"members must be at least 1, got {self.members}")
         if not 1 <= self.early < self.late <= self.epochs:
@@ -235,6 +242,7 @@ class ScoreConfig:
         d = dataclasses.asdict(self)
         d.pop("checkpoint_seconds")
         d.pop("device")
+        d.pop("parallel")
         d.pop("prefix_cache")  # same scores (to rounding) with or without
         for k in ("formula", "drop", "spread", "of", "ddof", "eps"):
             d.pop(k)  # scoring only, applied to the stored norms at the end

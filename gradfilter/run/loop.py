@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradfilter.method.schedule import WARMUP_EPOCH_SALT, member_schedule
@@ -37,7 +38,10 @@ class EnsembleRun:
     In a run across processes (``world``), ``ens`` holds this process's share of
     the members and ``all_seeds`` every member's seed: each step's batches are
     drawn for the whole ensemble and padded to the length the whole fold would
-    have, so a member computes what it computes in one process."""
+    have, so a member computes what it computes in one process.  With ``group``
+    (a :class:`gradfilter.run.dist.DataGroup`), the process takes its part of
+    the rows of every step and norm pass, and the group sums the gradients and
+    gathers the norms (data-parallel; see :mod:`gradfilter.run.dist`)."""
 
     def __init__(
         self,
@@ -54,6 +58,7 @@ class EnsembleRun:
         progress: bool,
         world: World | None = None,
         all_seeds: list[int] | None = None,
+        group: Any = None,
     ) -> None:
         from gradfilter.run.budget import return_freed_memory
 
@@ -62,6 +67,9 @@ class EnsembleRun:
         self.lengths, self.plan, self.pad_id, self.say = lengths, plan, pad_id, say
         self.opt = ens.make_optimizer(lr=config.lr)
         self.world = world or World()
+        self.group = group if group is not None and group.size > 1 else None
+        self.sync = self.group.grad_sync(list(ens.adapters.parameters())) if self.group else None
+        self._supervised: dict[int, int] = {}
         self.all_seeds = list(ens.member_seeds) if all_seeds is None else list(all_seeds)
         self.share = [self.all_seeds.index(s) for s in ens.member_seeds]
         self.state = RunState.new(len(ok), ens.members, len(plan.norm_epochs))
@@ -79,7 +87,10 @@ class EnsembleRun:
     def _resume(self) -> None:
         if not self.ckpt_path:
             return
-        ck = load_checkpoint(self.ckpt_path, self.identity)
+        if self.group is not None:
+            ck = self._group_checkpoint()
+        else:
+            ck = load_checkpoint(self.ckpt_path, self.identity)
         if ck is None:
             return
         self.ens.adapters.load_state_dict(ck["adapters"])
@@ -92,7 +103,41 @@ class EnsembleRun:
             f"step {s.step}, snapshot {s.snapshot} batch {s.snap_batch}"
         )
 
+    def _group_checkpoint(self) -> dict | None:
+        """The newest checkpoint (this one or the one kept before it) whose place in
+        training every process of the data group has: the group saves together, but
+        a process killed while saving may be one checkpoint behind."""
+        mine, error = [], None
+        try:
+            for path in (self.ckpt_path, self.prev_path):
+                ck = load_checkpoint(path, self.identity)
+                if ck is not None:
+                    mine.append(ck)
+        except ValueError as e:  # every process raises it, none waits for the others
+            error = str(e)
+        got = self.group.gather(([_place(c) for c in mine], error))
+        errors = [e for _, e in got if e]
+        if errors:
+            raise ValueError(errors[0])
+        everyone = [places for places, _ in got]
+        common = [p for p in everyone[0] if all(p in theirs for theirs in everyone)]
+        if not common:
+            if any(everyone):
+                self.say(
+                    "warning: the processes of a data-parallel group hold no checkpoint of "
+                    "the same step; starting the group's training again"
+                )
+            return None
+        best = max(common)
+        return next(c for c in mine if _place(c) == best)
+
+    @property
+    def prev_path(self) -> str:
+        return self.ckpt_path + ".prev"
+
     def save(self) -> None:
+        if self.ckpt_path and self.group is not None and os.path.exists(self.ckpt_path):
+            os.replace(self.ckpt_path, self.prev_path)  # kept until the group has moved on
         if self.ckpt_path:
             save_checkpoint(
                 self.ckpt_path,
@@ -105,8 +150,12 @@ class EnsembleRun:
         self.last_save = time.perf_counter()
 
     def _maybe_save(self, clock: str, t: float) -> float:
-        """Checkpoint when due; returns the start of the next timed stretch."""
-        if time.perf_counter() - self.last_save <= self.config.checkpoint_seconds:
+        """Checkpoint when due (in a data-parallel group: when due on any of its
+        processes, all at once); returns the start of the next timed stretch."""
+        due = time.perf_counter() - self.last_save > self.config.checkpoint_seconds
+        if self.group is not None:
+            due = self.group.any(due)
+        if not due:
             return t
         setattr(self.state, clock, getattr(self.state, clock) + time.perf_counter() - t)
         self.save()
@@ -167,16 +216,38 @@ class EnsembleRun:
         full = member_schedule(
             self.lengths, self.config.batch_size, epoch, self.all_seeds, self.config.seed
         )
-        if len(self.share) == len(self.all_seeds):
+        if len(self.share) == len(self.all_seeds) and self.group is None:
             return [(step, None) for step in full]
         return [
             ([step[m] for m in self.share], max(self.lengths[j] for b in step for j in b))
             for step in full
         ]
 
+    def supervised(self, j: int) -> int:
+        """Scorable row ``j``'s supervised token count (a member loss's weight)."""
+        n = self._supervised.get(j)
+        if n is None:
+            labels = self.encoded[self.ok[j]].labels
+            n = self._supervised[j] = sum(1 for x in labels[1:] if x != -100)
+        return n
+
+    def _part(self, step: list[list[int]]) -> tuple[list[list[int]], Any]:
+        """This process's rows of each member's batch, and ``train_step``'s
+        ``part_of`` for them (None outside a data-parallel group)."""
+        if self.group is None:
+            return step, None
+        from gradfilter.run.dist import split_rows
+
+        start, stop = split_rows(len(step[0]), self.group.size, self.group.index)
+        counts = [sum(self.supervised(j) for j in idx) for idx in step]
+        widths = [max(self.lengths[j] for j in idx) for idx in step]
+        return [idx[start:stop] for idx in step], (counts, start, widths)
+
     def train_step(self, step: list[list[int]], pad_to: int | None, record: int | None) -> None:
         """One folded optimizer step; ``record``: the trajectory column it fills in flight."""
         ens, ok, state = self.ens, self.ok, self.state
+        whole = step
+        step, part_of = self._part(step)
         batches = [collate(self.encoded, [ok[j] for j in idx], self.pad_id) for idx in step]
         visit = ens.step
         out = ens.train_step(
@@ -190,6 +261,8 @@ class EnsembleRun:
             reduction=self.config.reduction,
             by_factor=True,
             pad_to=pad_to,
+            part_of=part_of,
+            grad_sync=self.sync,
         )
         losses = out[0] if record is not None else out
         if not bool(torch.isfinite(losses).all()):
@@ -200,13 +273,20 @@ class EnsembleRun:
         if record is not None:
             traj = state.trajectory
             sq, parts = out[1].numpy(), {k: v.numpy() for k, v in out[2].items()}
+            if self.group is not None:  # every process of the group records the whole step
+                got = self.group.gather((sq, parts["A"], parts["B"]))
+                sq = np.concatenate([g[0] for g in got], axis=1)
+                parts = {
+                    k: np.concatenate([g[i] for g in got], axis=1) for i, k in ((1, "A"), (2, "B"))
+                }
+                step = whole
             for mi, idx in enumerate(step):  # [M, B], of each row's own loss
                 traj["sq"][idx, mi, record] = sq[mi, : len(idx)]
                 traj["sq_a"][idx, mi, record] = parts["A"][mi, : len(idx)]
                 traj["sq_b"][idx, mi, record] = parts["B"][mi, : len(idx)]
                 traj["visit_step"][idx, mi, record] = visit
         seq = max([b[0].shape[1] for b in batches] + [pad_to or 0])
-        real = sum(int(b[2].sum()) for b in batches)
+        real = sum(int(b[2].sum()) for b in batches)  # this process's tokens
         state.tokens += real
         state.padded += seq * sum(b[0].shape[0] for b in batches) - real
         state.losses.append([state.epoch, state.step, losses.tolist()])
@@ -222,34 +302,79 @@ class EnsembleRun:
 
     def snapshot(self, epoch: int) -> None:
         """An eval-mode norm pass over every scorable row after ``epoch``."""
-        state, ens, m = self.state, self.ens, self.ens.members
+        state = self.state
         c = self.plan.norm_epochs.index(epoch)
         if state.snapshot != epoch:
             state.snapshot, state.snap_batch = epoch, 0
         t = time.perf_counter()
+        if self.group is not None:
+            self._group_snapshot(c, t)
+            return
         for bi in range(state.snap_batch, len(self.plan.snaps)):
-            idx = self.plan.snaps[bi]
-            rows = [self.ok[j] for j in idx]
-            ids, labels, mask = collate(self.encoded, rows, self.pad_id)
-            norms = ens.per_example_grad_norms(
-                ids,
-                labels,
-                mask,
-                reduction=self.config.reduction,
-                max_tokens=self.config.token_budget or 0,
-                rows=rows if ens.prefix_cache is not None else None,
-            )
-            state.trajectory["sq"][idx, :, c] = (norms.double() ** 2).T.numpy()
-            state.trajectory["visit_step"][idx, :, c] = ens.step
-            state.tokens += int(mask.sum()) * m
-            state.padded += int(mask.numel() - mask.sum()) * m
+            self._snap_batch(self.plan.snaps[bi], c)
             state.snap_batch = bi + 1
             self.bar.update(1)
             t = self._maybe_save("snapshot_s", t)
+        self._snapshot_done(epoch, t)
+
+    def _snap_batch(self, idx: list[int], c: int) -> None:
+        """Norms of the scorable rows ``idx`` into trajectory column ``c``."""
+        state, ens, m = self.state, self.ens, self.ens.members
+        rows = [self.ok[j] for j in idx]
+        ids, labels, mask = collate(self.encoded, rows, self.pad_id)
+        norms = ens.per_example_grad_norms(
+            ids,
+            labels,
+            mask,
+            reduction=self.config.reduction,
+            max_tokens=self.config.token_budget or 0,
+            rows=rows if ens.prefix_cache is not None else None,
+        )
+        state.trajectory["sq"][idx, :, c] = (norms.double() ** 2).T.numpy()
+        state.trajectory["visit_step"][idx, :, c] = ens.step
+        state.tokens += int(mask.sum()) * m
+        state.padded += int(mask.numel() - mask.sum()) * m
+
+    def _snapshot_done(self, epoch: int, t: float) -> None:
+        state = self.state
         state.snapshot_s += time.perf_counter() - t
         state.snapshot, state.snap_batch = None, 0
         state.snaps_done.append(epoch)
         self.save()
+
+    def _group_snapshot(self, c: int, t: float) -> None:
+        """A data-parallel norm pass: rounds of one batch per process of the group;
+        at the end the group gathers the column, so each process holds all of it."""
+        state, snaps, size = self.state, self.plan.snaps, self.group.size
+        epoch = state.snapshot
+        for r0 in range(state.snap_batch, len(snaps), size):
+            bi = r0 + self.group.index
+            if bi < len(snaps):
+                self._snap_batch(snaps[bi], c)
+            state.snap_batch = min(r0 + size, len(snaps))
+            self.bar.update(state.snap_batch - r0)
+            t = self._maybe_save("snapshot_s", t)
+        mine = [j for bi in range(self.group.index, len(snaps), size) for j in snaps[bi]]
+        traj = state.trajectory
+        got = self.group.gather(
+            (mine, traj["sq"][mine, :, c].copy(), traj["visit_step"][mine, :, c].copy())
+        )
+        for rows, sq, visit in got:
+            traj["sq"][rows, :, c] = sq
+            traj["visit_step"][rows, :, c] = visit
+        self._snapshot_done(epoch, t)
+
+
+def _place(ck: dict) -> tuple:
+    """Where in training a checkpoint was saved (comparable, later is larger)."""
+    s = ck["state"]
+    snap = s.get("snapshot")
+    return (
+        int(ck["ensemble_step"]),
+        len(s.get("snaps_done", [])),
+        -1 if snap is None else int(snap),
+        int(s.get("snap_batch", 0)),
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):

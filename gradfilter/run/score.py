@@ -29,11 +29,13 @@ from gradfilter.method.registry import METHODS
 from gradfilter.run.budget import choose_token_budget
 from gradfilter.run.config import ScoreConfig
 from gradfilter.run.dist import (
+    DataGroup,
+    Layout,
     World,
     agree,
+    choose_layout,
     finish,
     gather,
-    member_share,
     run_device,
     start,
     together,
@@ -407,7 +409,8 @@ def _score(
             f"--method {config.method} is a forward pass without an ensemble; it runs in one "
             "process (start it without torchrun)"
         )
-    share = member_share(config.members, world) if ensemble else []
+    layout = choose_layout(config.members, world.size, config.parallel) if ensemble else Layout()
+    share = layout.share(config.members, world.rank) if ensemble else []
     if model_and_tokenizer is None:
         check_proxy_settings(config)  # before the output folder is touched
     if outdir and not dry_run:
@@ -421,7 +424,7 @@ def _score(
     model, tok = _load_proxy(config, model_and_tokenizer, device)
     timings = {"load_s": time.perf_counter() - t_start}
     if dry_run:
-        return _dry_run(data, outdir, config, model, tok, world, share, say)
+        return _dry_run(data, outdir, config, model, tok, world, share, say, layout)
     t0 = time.perf_counter()
     prepared = prepare(data, config, tok)
     timings["tokenize_s"] = time.perf_counter() - t0
@@ -432,7 +435,7 @@ def _score(
     if ensemble:
         config = config.resolve_schedule(steps_per_epoch(config, prepared))
     work = plan(config, prepared)
-    _note_parallel(work, config, world, share)
+    _note_parallel(work, config, world, share, layout)
     work.summary["token_budget"] = budget.to_json()
     say(f"{work.description}; {budget.describe()}")
     if not prepared.ok:
@@ -440,7 +443,7 @@ def _score(
     if work.ensemble:
         records, counted, extra = _score_ensemble(
             config, model, tok, prepared, work, outdir, say, progress, stop_after, timings,
-            world, share,
+            world, share, layout,
         )  # fmt: skip
     else:
         records, counted, extra = score_forward(config, model, tok, prepared, work, timings)
@@ -453,21 +456,15 @@ def _score(
     return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
 
 
-def _note_parallel(work: Plan, config: ScoreConfig, world: World, share: list[int]) -> None:
+def _note_parallel(
+    work: Plan, config: ScoreConfig, world: World, share: list[int], layout: Layout
+) -> None:
     if world.distributed:
-        work.summary["parallel"] = {
-            "mode": "member",
-            "processes": world.size,
-            "members_by_rank": [
-                member_share(config.members, World(r, world.size)) for r in range(world.size)
-            ],
-        }
-        work.description += (
-            f"; member-parallel across {world.size} processes (members {share} on this one)"
-        )
+        work.summary["parallel"] = layout.to_json(config.members)
+        work.description += f"; {layout.describe(config.members)} (members {share} on this one)"
 
 
-def _dry_run(data, outdir, config, model, tok, world, share, say) -> ScoreResult:
+def _dry_run(data, outdir, config, model, tok, world, share, say, layout) -> ScoreResult:
     """Plan the run over a stream of the rows (:mod:`gradfilter.run.stream`): host
     memory bounded by a chunk of rows, whatever the corpus size; nothing trained."""
     from gradfilter.run.budget import pick_token_budget
@@ -485,7 +482,7 @@ def _dry_run(data, outdir, config, model, tok, world, share, say) -> ScoreResult
     if ensemble:
         config = config.resolve_schedule(member_steps(len(counts.lengths), config.batch_size))
     work = plan_from_counts(config, counts)
-    _note_parallel(work, config, world, share)
+    _note_parallel(work, config, world, share, layout)
     work.summary["token_budget"] = budget.to_json()
     say(f"{work.description}; {budget.describe()}")
     return ScoreResult(
@@ -539,7 +536,7 @@ def _empty_inputs(config: ScoreConfig) -> dict[str, Any]:
 
 def _score_ensemble(
     config, model, tok, prepared, work, outdir, say, progress, stop_after, timings,
-    world=WORLD, share=None,
+    world=WORLD, share=None, layout=None,
 ):  # fmt: skip
     """Train the ensemble (this process's ``share`` of the members) through the plan;
     records from every member's early and late norms (gathered from every process)."""
@@ -563,8 +560,12 @@ def _score_ensemble(
     ens.fold_members = config.members  # chunks sized as in one process
     identity = run_identity(config, prepared.rows, prepared.encoded, model, tok)
     agree(world, "the settings, rows and proxy", fingerprint(identity))
+    layout = layout or Layout(world.size, 1)
+    group = DataGroup(layout, world.rank) if layout.data > 1 else None
     if world.distributed:
         identity["processes"] = {"world_size": world.size, "members": share}
+        if layout.data > 1:
+            identity["processes"]["layout"] = [layout.groups, layout.data]
     ok = prepared.ok
     diverged = None
     try:
@@ -582,6 +583,7 @@ def _score_ensemble(
             progress and world.main,
             world=world,
             all_seeds=seeds,
+            group=group,
         )
         state = loop.run(stop_after)
     except TrainingDiverged as e:
@@ -592,7 +594,12 @@ def _score_ensemble(
         parts = gather(world, (diverged, None if diverged else state.shareable()))
         diverged = next((d for d, _ in parts if d), None)
         if diverged is None:
-            state = RunState.merged([p for _, p in parts])
+            # one process per member group holds the group's (gathered) trajectory;
+            # every process counted the tokens it ran
+            leaders = [p for r, (_, p) in enumerate(parts) if layout.data_rank(r) == 0]
+            state = RunState.merged(leaders)
+            state.tokens = sum(p["tokens"] for _, p in parts)
+            state.padded = sum(p["padded"] for _, p in parts)
     if diverged is not None:
         for i in prepared.ok:  # every row still gets its status
             prepared.rows[i].status = f"not scored: {diverged}"

@@ -41,7 +41,8 @@ def checkpoints_in(outdir: str) -> list[str]:
     return sorted(
         n
         for n in names
-        if n == CHECKPOINT_FILE or (n.startswith("checkpoint-rank") and n.endswith(".pt"))
+        if n == CHECKPOINT_FILE
+        or (n.startswith("checkpoint-rank") and n.endswith((".pt", ".pt.prev")))
     )
 
 
@@ -211,6 +212,7 @@ def load_checkpoint(path: str, identity: dict) -> dict[str, Any] | None:
             "config": "settings",
             "rows": "data (row content or tokens)",
             "proxy": "proxy model",
+            "processes": "processes or --parallel layout",
         }
         raise ValueError(
             f"{os.path.dirname(path) or '.'} holds a checkpoint of a different run (other "
@@ -260,7 +262,7 @@ def claim_outdir(outdir: str, config: ScoreConfig, force: bool, processes: int =
             f"{outdir} holds the outputs of another run (method {previous.get('method')!r}, other "
             "settings); use another folder, or --force to replace them"
         )
-    mine = {checkpoint_file(r, processes) for r in range(processes)}
+    mine = {checkpoint_file(r, processes) + end for r in range(processes) for end in ("", ".prev")}
     foreign = [n for n in checkpoints_in(outdir) if n not in mine]
     if foreign and not force:
         raise ValueError(
