@@ -95,3 +95,15 @@ def test_import_is_lean():
         "assert callable(gradfilter.per_example_grad_norms)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_max_length_past_the_proxys_positions_is_refused(tmp_path):
+    """GPT-2 has learned positions: a longer --max-length would fail deep in the
+    model with an IndexError; it gets a clear message first."""
+    from gradfilter.io.models import tiny_gpt2, tiny_tokenizer
+    from gradfilter.run.score import ScoreConfig, score
+
+    rows = [{"instruction": "Say hi", "output": "hi"}] * 4
+    model, tok = tiny_gpt2(n_positions=32), tiny_tokenizer()
+    with pytest.raises(ValueError, match="longer than the proxy's 32 learned positions"):
+        score(rows, None, ScoreConfig(max_length=64), model_and_tokenizer=(model, tok))

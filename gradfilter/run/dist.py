@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +232,7 @@ class DataGroup:
         self.layout, self.rank = layout, rank
         self.index = layout.data_rank(rank)
         self.size = layout.data
+        self.seconds = 0.0  # wall time in the group's collectives (waiting included)
         self.pg = None
         for g in range(layout.groups):
             pg = torch.distributed.new_group(layout.group_ranks(g))
@@ -242,19 +244,25 @@ class DataGroup:
         return self.index == 0
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         torch.distributed.all_reduce(tensor, group=self.pg)
+        self.seconds += time.perf_counter() - t0
         return tensor
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process of the group."""
+        t0 = time.perf_counter()
         t = torch.tensor([int(flag)], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.pg)
+        self.seconds += time.perf_counter() - t0
         return bool(t.item())
 
     def gather(self, value: Any) -> list[Any]:
         """Every group member's ``value``, in group order."""
+        t0 = time.perf_counter()
         out: list[Any] = [None] * self.size
         torch.distributed.all_gather_object(out, value, group=self.pg)
+        self.seconds += time.perf_counter() - t0
         return out
 
     def grad_sync(self, params: Sequence[torch.nn.Parameter]):

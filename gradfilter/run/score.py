@@ -387,6 +387,17 @@ def score(
     return result
 
 
+def _check_positions(config: ScoreConfig, model: Any) -> None:
+    """A proxy with learned absolute positions (GPT-2's ``n_positions``) cannot
+    read past them: refuse a longer ``max_length`` before any row is run."""
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    if isinstance(limit, int) and config.max_length > limit:
+        raise ValueError(
+            f"--max-length {config.max_length} is longer than the proxy's {limit} learned "
+            f"positions (n_positions); give --max-length {limit} or less"
+        )
+
+
 def _process_log(say: Callable[[str], None], world: World) -> Callable[[str], None]:
     """Rank 0 says everything; the other processes only warnings and errors."""
     if world.main:
@@ -422,6 +433,7 @@ def _score(
         )
     t_start = time.perf_counter()
     model, tok = _load_proxy(config, model_and_tokenizer, device)
+    _check_positions(config, model)
     timings = {"load_s": time.perf_counter() - t_start}
     if dry_run:
         return _dry_run(data, outdir, config, model, tok, world, share, say, layout)
@@ -590,8 +602,13 @@ def _score_ensemble(
         diverged = str(e)
     finally:
         ens.remove()  # the proxy is left without hooks, whatever happened
+    comm: dict[str, Any] = {}
     if world.distributed:
+        t0 = time.perf_counter()
         parts = gather(world, (diverged, None if diverged else state.shareable()))
+        comm["final_gather_s"] = time.perf_counter() - t0
+        if group is not None:
+            comm["group_collectives_s"] = gather(world, group.seconds)
         diverged = next((d for d, _ in parts if d), None)
         if diverged is None:
             # one process per member group holds the group's (gathered) trajectory;
@@ -627,6 +644,8 @@ def _score_ensemble(
         "member_seeds": seeds,
         "final_losses": state.losses[-1][2] if state.losses else None,
     }
+    if comm:  # wall seconds in collectives (waiting for the slowest process included)
+        extra["communication"] = comm
     if ens.prefix_cache is not None:
         extra["prefix_cache"] = {
             "layers_from": ens.layers_from,
