@@ -422,3 +422,37 @@ def test_smollm2_batched_encoding_equals_row_by_row(smollm2_tokenizer: Any) -> N
         if st == "ok":
             assert got.input_ids == ref.input_ids and got.labels == ref.labels
             assert (got.truncated, got.n_tokens) == (ref.truncated, ref.n_tokens)
+
+
+def test_compact_rows_keep_their_tokens_and_the_run_identity():
+    """A run keeps rows as int32 arrays (``small=True``): the same ids, labels and
+    counts as the lists, and the same row hash, so a checkpoint written from
+    lists resumes."""
+    import numpy as np
+
+    from gradfilter.io.models import tiny_tokenizer
+    from gradfilter.run.state import _hash_rows
+
+    data = [
+        {"instruction": f"Add {i} and {i + 1}.", "output": f"{2 * i + 1}"} for i in range(30)
+    ] + [{"instruction": "x" * 300, "output": "cut"}, {"messages": "not a list"}]
+    tok = tiny_tokenizer()
+    rows, _ = load_rows(data)
+    lists, s1 = encode_rows(rows, tok, 64)
+    arrays, s2 = encode_rows(rows, tok, 64, small=True)
+    assert s1 == s2 and sum(e is None for e in arrays) == 2
+    for a, b in zip(lists, arrays, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        assert isinstance(b.input_ids, np.ndarray) and b.input_ids.dtype == np.int32
+        assert b.input_ids.tolist() == a.input_ids and b.labels.tolist() == a.labels
+        assert (b.n_tokens, b.n_response_tokens, b.truncated) == (
+            a.n_tokens,
+            a.n_response_tokens,
+            a.truncated,
+        )
+    assert _hash_rows(rows, arrays) == _hash_rows(rows, lists)
+    ids, labels, mask = pad_batch([e for e in arrays if e is not None][:4], 0)
+    ref = pad_batch([e for e in lists if e is not None][:4], 0)
+    assert all(torch.equal(x, y) for x, y in zip((ids, labels, mask), ref, strict=True))

@@ -227,8 +227,8 @@ class EnsembleRun:
         """Scorable row ``j``'s supervised token count (a member loss's weight)."""
         n = self._supervised.get(j)
         if n is None:
-            labels = self.encoded[self.ok[j]].labels
-            n = self._supervised[j] = sum(1 for x in labels[1:] if x != -100)
+            labels = np.asarray(self.encoded[self.ok[j]].labels)
+            n = self._supervised[j] = int((labels[1:] != -100).sum())
         return n
 
     def _part(self, step: list[list[int]]) -> tuple[list[list[int]], Any]:

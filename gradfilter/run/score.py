@@ -168,7 +168,9 @@ def prepare(data: Any, config: ScoreConfig, tokenizer: Any) -> Prepared:
     from gradfilter.io.rows import load_rows
 
     rows, source = load_rows(data, fields=config.fields or None)
-    encoded, statuses = encode_rows(rows, tokenizer, config.max_length, config.template)
+    encoded, statuses = encode_rows(
+        rows, tokenizer, config.max_length, config.template, small=True
+    )  # int32 arrays: 8 bytes a token
     for row, status in zip(rows, statuses, strict=True):
         row.status = status
     return Prepared(rows, source, encoded)
