@@ -207,6 +207,11 @@ class _Pass:
             for j, o in enumerate(call.outputs):
                 if o.requires_grad:
                     o.register_hook(self._make_grad_hook(call, j))
+            if not job.fallback:
+                # A hook fires without the tensor being held: an output that the
+                # model does not keep (a LoRA delta, added and gone) is freed now,
+                # not at its backward.
+                call.outputs = []
             return None if input_tapped else output
 
         return hook

@@ -316,7 +316,7 @@ def check_proxy_settings(config: ScoreConfig) -> None:
 
 
 def _load_proxy(
-    config: ScoreConfig, given: tuple[Any, Any] | None, device: torch.device | None
+    config: ScoreConfig, given: tuple[Any, Any] | None, device: torch.device | None = None
 ) -> tuple[Any, Any]:
     """The proxy and its tokenizer on ``device`` (None: where a given model is)."""
     if given is None:
