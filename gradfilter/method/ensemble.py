@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from gradfilter.method import linear_ce
+from gradfilter.method.lean import lean_activations
 from gradfilter.method.linear_ce import linear_cross_entropy
 from gradfilter.method.lora import (
     Adapter,
@@ -62,6 +63,9 @@ class LoRAEnsemble(nn.Module):
             layers below k) once per example and start the folded forward at
             block k (:mod:`gradfilter.method.prefix`); the cache is keyed by the
             ``rows`` / ``member_rows`` given to the passes.
+        lean: swap the base's frozen gated MLPs and RMSNorms for versions that
+            keep less for the backward, with the same outputs
+            (:mod:`gradfilter.method.lean`); undone by :meth:`remove`.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class LoRAEnsemble(nn.Module):
         use_rslora: bool = False,
         layers_from: int = 0,
         prefix_cache: bool = False,
+        lean: bool = True,
     ) -> None:
         super().__init__()
         if members < 1:
@@ -100,6 +105,9 @@ class LoRAEnsemble(nn.Module):
         self.base = base_model
         for p in self.base.parameters():
             p.requires_grad_(False)
+        # Frozen MLPs and RMSNorms that keep less for the backward (gradfilter.method.lean);
+        # undone by remove().
+        self._restore_lean = lean_activations(base_model) if lean else (lambda: None)
         # Hugging Face causal LMs that take a tensor of positions for the LM head.
         self._keeps_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
         # The model body and a plain linear head: the loss then runs on the body's
@@ -429,6 +437,7 @@ class LoRAEnsemble(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._restore_lean()
         return self.base
 
 

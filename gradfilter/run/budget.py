@@ -117,8 +117,16 @@ def memory_model(
     a = 8 if param.dtype == torch.float64 else 4  # adapters' bytes per element
     adapters = 4 * members * rank * sum(i + o for i, o in shapes) * a
     # Saved for the backward, per token: norms, attention, MLP in every layer; each
-    # adapter's input (and, with dropout, its mask) and rank-r hidden state.
-    per_layer = 2 * d * n + (2 * d + 2 * kv) * e + 3 * f * e
+    # adapter's input (and, with dropout, its mask) and rank-r hidden state.  The
+    # ensemble's lean blocks (gradfilter.method.lean) keep a norm's input in the
+    # model's dtype and two of the MLP's three widths.
+    from gradfilter.method.lean import MLP_CLASSES, RMSNORM_CLASSES
+
+    kinds = {type(m).__name__ for m in model.modules()}
+    if kinds & set(RMSNORM_CLASSES):
+        n = e
+    mlp = 2 if kinds & set(MLP_CLASSES) else 3
+    per_layer = 2 * d * n + (2 * d + 2 * kv) * e + mlp * f * e
     inputs = sum(i * e + 2 * rank * a for i, _ in shapes)
     masks = sum(i * e for i, _ in shapes) if dropout else 0
     final = d * n + d * 4  # the final norm; the loss's hidden-state gradient
