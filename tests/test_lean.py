@@ -97,3 +97,31 @@ def test_an_ensemble_scores_the_same_with_lean_blocks_and_keeps_less():
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-5, atol=1e-7)
     assert saved1 < saved0
+
+
+def test_keyed_dropout_keeps_no_mask_and_its_gradient_is_the_masks():
+    from gradfilter.method.lora import _dropout_mask, member_dropout
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 4, generator=gen, requires_grad=True)  # 2 members x 3 rows
+    g = torch.randn(6, 5, 4, generator=gen)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = member_dropout(x, 0.3, layer=2, member_seeds=[7, 8], step=4, lengths=[5, 3])
+    assert saved == []  # no mask (and no input) kept
+    (gx,) = torch.autograd.grad(y, x, g)
+    # the mask, recovered from the forward itself
+    mask = torch.where(x != 0, y / x, torch.zeros_like(x)).detach()
+    torch.testing.assert_close(gx, g * mask, rtol=1e-6, atol=1e-7)
+    inside = mask.reshape(2, 3, 5, 4)[:, :, :3]
+    assert ((inside == 0) | ((inside - 1 / 0.7).abs() < 1e-6)).all() and (inside == 0).any()
+    assert (mask.reshape(2, 3, 5, 4)[1, :, 3:] == 1).all()  # past member 1's length 3: kept
+    # the keys alone decide: the same call draws the same mask
+    y2 = member_dropout(x, 0.3, layer=2, member_seeds=[7, 8], step=4, lengths=[5, 3])
+    assert torch.equal(y, y2)
+    assert _dropout_mask((2, 3, 5, 4), 0.3, [[1, 2, 3], [4, 5, 6]], [5, 5], x).shape == (2, 3, 5, 4)

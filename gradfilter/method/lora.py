@@ -222,18 +222,50 @@ def member_dropout(
     """Inverted dropout on member-major rows whose mask for a row is a function of
     (member seed, optimiser ``step``, ``layer``, row of the member's batch) alone,
     drawn over the member's own batch length (``lengths``; default: the padded one).
-    ``first_row``: the position of the first row in the member's batch (chunks)."""
+    ``first_row``: the position of the first row in the member's batch (chunks).
+
+    The mask is not kept for the backward: being a function of its keys, it is
+    drawn again there (a ``[tokens, width]`` tensor less per adapter and token)."""
     m = len(member_seeds)
-    blocks = x.reshape(m, -1, *x.shape[1:])
-    lengths = lengths or [x.shape[1]] * m
-    mask = torch.ones_like(blocks)
-    for i in range(m):
-        for j in range(blocks.shape[1]):
-            key = mix_seed(member_seeds[i], ((step * 65537 + layer) * 1000003) + first_row + j)
-            gen = torch.Generator(device=x.device).manual_seed(key)
-            keep = torch.rand((lengths[i], *x.shape[2:]), generator=gen, device=x.device) >= p
-            mask[i, j, : lengths[i]] = keep.to(x.dtype) / (1.0 - p)
-    return (blocks * mask).reshape(x.shape)
+    rows = x.shape[0] // m
+    keys = [
+        [
+            mix_seed(member_seeds[i], ((step * 65537 + layer) * 1000003) + first_row + j)
+            for j in range(rows)
+        ]
+        for i in range(m)
+    ]
+    return _KeyedDropout.apply(x, p, keys, list(lengths or [x.shape[1]] * m))
+
+
+def _dropout_mask(
+    shape: tuple[int, ...], p: float, keys: list[list[int]], lengths: list[int], like: torch.Tensor
+) -> torch.Tensor:
+    """The ``[M, B, T, ...]`` inverted-dropout mask of :func:`member_dropout`."""
+    mask = torch.ones(shape, dtype=like.dtype, device=like.device)
+    for i, row_keys in enumerate(keys):
+        for j, key in enumerate(row_keys):
+            gen = torch.Generator(device=like.device).manual_seed(key)
+            keep = torch.rand((lengths[i], *shape[3:]), generator=gen, device=like.device) >= p
+            mask[i, j, : lengths[i]] = keep.to(like.dtype) / (1.0 - p)
+    return mask
+
+
+class _KeyedDropout(torch.autograd.Function):
+    """``x * mask`` with the mask drawn from its keys in the forward and again in
+    the backward, so that autograd keeps no mask."""
+
+    @staticmethod
+    def forward(ctx, x, p, keys, lengths):
+        shape = (len(keys), x.shape[0] // len(keys), *x.shape[1:])
+        ctx.args = (shape, p, keys, lengths)
+        return (x.reshape(shape) * _dropout_mask(shape, p, keys, lengths, x)).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, p, keys, lengths = ctx.args
+        mask = _dropout_mask(shape, p, keys, lengths, grad)
+        return (grad.reshape(shape) * mask).reshape(grad.shape), None, None, None
 
 
 def pad_right(t: torch.Tensor, seq: int, value: int) -> torch.Tensor:

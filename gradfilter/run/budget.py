@@ -18,10 +18,12 @@ pass needs:
 
 Per decoder layer and token, with ``d`` the width, ``f`` the MLP width, ``kv``
 the key/value width, ``e`` the model's bytes per element: two norms keep a
-float32 copy of their input (``2 d 4``); attention keeps q, k, v and its output
-(``(2 d + 2 kv) e``); the MLP keeps gate, up and the activation (``3 f e``);
-each adapted layer keeps its input in the model's dtype and, in training, its
-dropout mask (``d_in e`` each) and its rank-r hidden state.  An allowance of
+float32 copy of their input (``2 d 4``; ``2 d e`` with the ensemble's lean
+RMSNorm, :mod:`gradfilter.method.lean`); attention keeps q, k, v and its output
+(``(2 d + 2 kv) e``); the MLP keeps gate, up and the activation (``3 f e``;
+``2 f e`` lean); each adapted layer keeps its input in the model's dtype
+(``d_in e``; in training, with dropout, its own masked copy, the mask being
+drawn again in the backward) and its rank-r hidden state.  An allowance of
 ``TRANSIENT_WIDTHS`` float32 MLP widths covers the gradients in flight.
 
 :func:`auto_token_budget` turns the model and the memory at hand (host:
@@ -117,7 +119,7 @@ def memory_model(
     a = 8 if param.dtype == torch.float64 else 4  # adapters' bytes per element
     adapters = 4 * members * rank * sum(i + o for i, o in shapes) * a
     # Saved for the backward, per token: norms, attention, MLP in every layer; each
-    # adapter's input (and, with dropout, its mask) and rank-r hidden state.  The
+    # adapter's input and rank-r hidden state.  The
     # ensemble's lean blocks (gradfilter.method.lean) keep a norm's input in the
     # model's dtype and two of the MLP's three widths.
     from gradfilter.method.lean import MLP_CLASSES, RMSNORM_CLASSES
@@ -128,10 +130,11 @@ def memory_model(
     mlp = 2 if kinds & set(MLP_CLASSES) else 3
     per_layer = 2 * d * n + (2 * d + 2 * kv) * e + mlp * f * e
     inputs = sum(i * e + 2 * rank * a for i, _ in shapes)
-    masks = sum(i * e for i, _ in shapes) if dropout else 0
+    # With dropout each adapter keeps its own masked input (``inputs``); the masks
+    # are drawn again in the backward (gradfilter.method.lora.member_dropout).
     final = d * n + d * 4  # the final norm; the loss's hidden-state gradient
     transient = TRANSIENT_WIDTHS * f * 4  # gradients in flight in the backward
-    train = layers * per_layer + inputs + masks + final + transient
+    train = layers * per_layer + inputs + final + transient
     # The norm pass (eval mode, no dropout) also holds each adapter's output gradient
     # until the layer's norms are reduced.
     norm = layers * per_layer + inputs + final + transient + sum(o * a for _, o in shapes)
