@@ -224,8 +224,8 @@ def member_dropout(
     drawn over the member's own batch length (``lengths``; default: the padded one).
     ``first_row``: the position of the first row in the member's batch (chunks).
 
-    The mask is not kept for the backward: being a function of its keys, it is
-    drawn again there (a ``[tokens, width]`` tensor less per adapter and token)."""
+    For the backward only a boolean of the kept elements is saved, not the mask
+    in ``x``'s dtype."""
     m = len(member_seeds)
     rows = x.shape[0] // m
     keys = [
@@ -252,20 +252,28 @@ def _dropout_mask(
 
 
 class _KeyedDropout(torch.autograd.Function):
-    """``x * mask`` with the mask drawn from its keys in the forward and again in
-    the backward, so that autograd keeps no mask."""
+    """``x * mask``, keeping for the backward only which elements were kept (one
+    byte each, not the mask in ``x``'s dtype): the mask is rebuilt from it with
+    the very ops that made it, so the gradient is bitwise autograd's.  (Drawing
+    the mask again from its keys would keep nothing, but costs as much as the
+    forward's drawing, about a GEMM of the layer on a CPU.)"""
 
     @staticmethod
     def forward(ctx, x, p, keys, lengths):
         shape = (len(keys), x.shape[0] // len(keys), *x.shape[1:])
-        ctx.args = (shape, p, keys, lengths)
-        return (x.reshape(shape) * _dropout_mask(shape, p, keys, lengths, x)).reshape(x.shape)
+        mask = _dropout_mask(shape, p, keys, lengths, x)
+        ctx.save_for_backward(mask != 0)
+        ctx.args = (p, lengths)
+        return (x.reshape(shape) * mask).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        shape, p, keys, lengths = ctx.args
-        mask = _dropout_mask(shape, p, keys, lengths, grad)
-        return (grad.reshape(shape) * mask).reshape(grad.shape), None, None, None
+        (kept,) = ctx.saved_tensors
+        p, lengths = ctx.args
+        mask = torch.ones(kept.shape, dtype=grad.dtype, device=grad.device)
+        for i, n in enumerate(lengths):
+            mask[i, :, :n] = kept[i, :, :n].to(grad.dtype) / (1.0 - p)
+        return (grad.reshape(kept.shape) * mask).reshape(grad.shape), None, None, None
 
 
 def pad_right(t: torch.Tensor, seq: int, value: int) -> torch.Tensor:

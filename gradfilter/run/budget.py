@@ -22,8 +22,8 @@ float32 copy of their input (``2 d 4``; ``2 d e`` with the ensemble's lean
 RMSNorm, :mod:`gradfilter.method.lean`); attention keeps q, k, v and its output
 (``(2 d + 2 kv) e``); the MLP keeps gate, up and the activation (``3 f e``;
 ``2 f e`` lean); each adapted layer keeps its input in the model's dtype
-(``d_in e``; in training, with dropout, its own masked copy, the mask being
-drawn again in the backward) and its rank-r hidden state.  An allowance of
+(``d_in e``; in training, with dropout, its own masked copy and a byte per
+element for its mask) and its rank-r hidden state.  An allowance of
 ``TRANSIENT_WIDTHS`` float32 MLP widths covers the gradients in flight.
 
 :func:`auto_token_budget` turns the model and the memory at hand (host:
@@ -130,11 +130,12 @@ def memory_model(
     mlp = 2 if kinds & set(MLP_CLASSES) else 3
     per_layer = 2 * d * n + (2 * d + 2 * kv) * e + mlp * f * e
     inputs = sum(i * e + 2 * rank * a for i, _ in shapes)
-    # With dropout each adapter keeps its own masked input (``inputs``); the masks
-    # are drawn again in the backward (gradfilter.method.lora.member_dropout).
+    # With dropout each adapter keeps its own masked input and which elements its
+    # mask kept, one byte each (gradfilter.method.lora.member_dropout).
+    masks = sum(i for i, _ in shapes) if dropout else 0
     final = d * n + d * 4  # the final norm; the loss's hidden-state gradient
     transient = TRANSIENT_WIDTHS * f * 4  # gradients in flight in the backward
-    train = layers * per_layer + inputs + final + transient
+    train = layers * per_layer + inputs + masks + final + transient
     # The norm pass (eval mode, no dropout) also holds each adapter's output gradient
     # until the layer's norms are reduced.
     norm = layers * per_layer + inputs + final + transient + sum(o * a for _, o in shapes)
