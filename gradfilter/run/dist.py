@@ -252,7 +252,10 @@ class DataGroup:
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process of the group."""
         t0 = time.perf_counter()
-        t = torch.tensor([int(flag)], dtype=torch.int64)
+        device = "cpu"
+        if torch.distributed.get_backend(self.pg) == "nccl":  # NCCL reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.pg)
         self.seconds += time.perf_counter() - t0
         return bool(t.item())
