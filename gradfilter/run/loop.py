@@ -112,10 +112,10 @@ class EnsembleRun:
             for path in (self.ckpt_path, self.prev_path):
                 ck = load_checkpoint(path, self.identity)
                 if ck is not None:
-                    mine.append(ck)
+                    mine.append((path, ck))
         except ValueError as e:  # every process raises it, none waits for the others
             error = str(e)
-        got = self.group.gather(([_place(c) for c in mine], error))
+        got = self.group.gather(([_place(c) for _, c in mine], error))
         errors = [e for _, e in got if e]
         if errors:
             raise ValueError(errors[0])
@@ -129,7 +129,10 @@ class EnsembleRun:
                 )
             return None
         best = max(common)
-        return next(c for c in mine if _place(c) == best)
+        path, ck = next((p, c) for p, c in mine if _place(c) == best)
+        if path != self.ckpt_path:  # drop the newer one the others lack: the group agrees again
+            os.replace(path, self.ckpt_path)
+        return ck
 
     @property
     def prev_path(self) -> str:
