@@ -117,6 +117,7 @@ def run_one(
     foreign: str | None,
     next_tier: bool = False,
     token_budget: int | None = None,
+    only: list[tuple[str, int]] | None = None,
 ) -> dict:
     qcfg, scfg = _settings(run)
     name = f"{qcfg.pool}-seed{qcfg.seed}"
@@ -126,7 +127,10 @@ def run_one(
             return json.load(f)
     pool, heldout, corrupted = _pool(run, qcfg, data, foreign)
     k = max(1, math.floor(qcfg.select_ratio * len(pool)))
-    subsets = subsets_of(run, k, NEXT, reference=False) if next_tier else subsets_of(run, k)
+    tier = NEXT if next_tier else CANDIDATES
+    if only:
+        tier = [c for c in tier if c in only]
+    subsets = subsets_of(run, k, tier, reference=not next_tier and not only)
     for s in qcfg.random_seeds:
         subsets[f"random-{s}"] = np.random.default_rng(1000 + s).permutation(len(pool))[:k].tolist()
     from gradfilter.io.models import load_proxy
@@ -228,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per folded pass")
     p.add_argument(
+        "--only",
+        default=None,
+        help="train only these candidates of the tier, e.g. snr_cv@S=0,paper@S=0 (CPU time)",
+    )
+    p.add_argument(
         "--summary-only",
         action="store_true",
         help="only tabulate the runs already trained in OUT (no training)",
@@ -248,8 +257,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no trained run in {args.output}", file=sys.stderr)
             return 2
     else:
+        only = None
+        if args.only:
+            only = []
+            for item in args.only.split(","):
+                formula, _, steps = item.strip().partition("@S=")
+                if not steps.isdigit():
+                    p.error(f"--only: {item!r} is not FORMULA@S=STEPS")
+                only.append((formula, int(steps)))
         results = [
-            run_one(r, args.output, args.data, args.foreign, args.next, args.token_budget)
+            run_one(r, args.output, args.data, args.foreign, args.next, args.token_budget, only)
             for r in runs
         ]
     summary = summarise(results)
