@@ -72,8 +72,9 @@ def test_quality_benchmark_smoke(tmp_path):
     assert set(curves) == (
         {"gsnr", "drop", "grand", "loss", "ifd", "random-0", "random-1"} | formulas | parts
     )
-    # the run's own formula (paper) gives the same subset as gsnr
-    assert res["downstream"]["subsets"]["gsnr:paper"] == res["downstream"]["subsets"]["gsnr"]
+    # the run's own formula (the default) gives the same subset as gsnr
+    own = f"gsnr:{scfg.formula}"
+    assert res["downstream"]["subsets"][own] == res["downstream"]["subsets"]["gsnr"]
     assert all([s for s, _ in c] == [0, 2, 4] for c in curves.values())
     # Same init for every adapter: at step 0 all held-out losses agree.
     first = [c[0][1] for c in curves.values()]

@@ -152,7 +152,7 @@ def test_rescore_with_other_settings_equals_a_run_with_them(tmp_path, formula):
 
 def test_paper_formula_is_the_previous_score(tmp_path):
     """formula="paper" is D / (V + eps) with the drop / spread options, exactly."""
-    res = run(tmp_path, norms="inflight")
+    res = run(tmp_path, norms="inflight", formula="paper")
     early = np.array([r["early_sq"] for r in res.records])
     late = np.array([r["late_sq"] for r in res.records])
     g_s, g_t = early.mean(1), late.mean(1)
