@@ -146,3 +146,32 @@ def test_return_freed_memory_can_be_turned_off(monkeypatch):
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert budget_mod.return_freed_memory() is True
+
+
+def test_processes_on_one_machine_share_its_memory(monkeypatch):
+    """Under torchrun each CPU process on a machine plans with its share of the
+    memory (LOCAL_WORLD_SIZE), not all of it."""
+    from gradfilter.run.budget import pick_token_budget
+
+    model = tiny_gpt2(n_positions=128)
+    monkeypatch.setattr(budget_mod, "available_memory", lambda device="cpu": GiB // 16)
+    config = ScoreConfig(members=2, rank=4, batch_size=64, max_length=128)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = pick_token_budget(config, model)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    shared = pick_token_budget(config, model)
+    assert alone.available_bytes == GiB // 16 and shared.available_bytes == GiB // 64
+    assert shared.token_budget < alone.token_budget
+
+
+def test_a_torchrun_run_resumes_with_its_automatic_budget(tmp_path):
+    """The budget of an interrupted run is read back from any process's checkpoint."""
+    import torch
+
+    from gradfilter.run.budget import _resumed_budget
+
+    config = ScoreConfig(**CFG)
+    identity = {"config": {**config.identity(), "token_budget": 448}}
+    torch.save({"identity": identity}, tmp_path / "checkpoint-rank0-of-2.pt")
+    assert _resumed_budget(str(tmp_path), config) == 448
+    assert _resumed_budget(str(tmp_path / "none"), config) is None

@@ -234,11 +234,13 @@ def _resumed_budget(outdir: str | None, config: Any) -> int | None:
     batches), or None."""
     import os
 
-    from gradfilter.run.state import CHECKPOINT_FILE
+    from gradfilter.run.state import checkpoints_in
 
-    path = os.path.join(outdir, CHECKPOINT_FILE) if outdir else None
-    if not path or not os.path.exists(path):
+    # one process's checkpoint, or any process's of a torchrun run (they share it)
+    names = [n for n in checkpoints_in(outdir) if n.endswith(".pt")] if outdir else []
+    if not names:
         return None
+    path = os.path.join(outdir, names[0])
     try:
         ck = torch.load(path, weights_only=True, map_location="cpu")
         theirs = dict(ck["identity"]["config"])
@@ -321,6 +323,11 @@ def pick_token_budget(
         choice = BudgetChoice(resumed, "resumed")
     else:
         here = min(share or members, members)
+        device = next(model.parameters()).device
+        local = _processes_on_node()
+        if available is None and device.type != "cuda" and local > 1:
+            # the processes of a torchrun run on one machine share its memory
+            available = available_memory(device) // local
         choice = auto_token_budget(
             model,
             here,
@@ -334,6 +341,16 @@ def pick_token_budget(
             tokens = int(agree(tokens))
         choice = dataclasses.replace(choice, token_budget=tokens)
     return choice
+
+
+def _processes_on_node() -> int:
+    """``LOCAL_WORLD_SIZE`` (torchrun's processes on this machine), 1 without it."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
 
 
 #: glibc mallopt parameters (malloc.h).
