@@ -11,8 +11,8 @@ needs, per token and layer (SmolLM2-135M in bfloat16, ``benchmarks/bench_memory.
   same;
 * RMSNorm normalises in float32 and keeps that float32 copy of its input;
   :class:`FrozenRMSNorm` keeps the input in its own dtype and the ``[tokens, 1]``
-  inverse root mean square, and computes the input gradient from them (the same
-  maths, in float32; the rounding of the last bit may differ).
+  inverse root mean square, and computes the input gradient from them with the
+  steps autograd takes through the model's code, in the same order.
 
 :func:`lean_activations` swaps the ``forward`` of every such module whose weights
 are frozen, and returns the function that restores them.  The forward outputs are
@@ -82,11 +82,15 @@ class FrozenRMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        # y = w * cast(n), n = xf * rstd: dL/dn = cast(g * w) to float32, then
-        # dL/dxf = rstd * (dn - n * mean(dn * n)).
+        # autograd's own steps for the model's code, in its order (so the bits agree):
+        # y = w * cast(n), n = xf * r, r = rsqrt(mean(xf^2) + eps).
+        xf = x.to(rstd.dtype)
         dn = (grad * weight).to(rstd.dtype)
-        n = x.to(rstd.dtype) * rstd
-        dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
+        direct = dn * rstd
+        dr = (dn * xf).sum(-1, keepdim=True)
+        dvar = (-0.5 * dr) * rstd.pow(3)
+        dsq = dvar.expand_as(xf) / xf.shape[-1]
+        dx = direct + dsq * (2 * xf)
         return dx.to(x.dtype), None, None
 
 
