@@ -62,7 +62,9 @@ class ScoreConfig:
     of: str = "squared"
     ddof: int = 0
     eps: float = 1e-8
-    formula: str = "paper"  # see gradfilter.method.gsnr.FORMULAS
+    # "snr_cv": chosen by docs/quality-criterion.md (docs/method.md#choosing-the-default);
+    # "paper" is the reconstruction of the paper's D / (V + eps).  See gradfilter.method.gsnr.
+    formula: str = "snr_cv"
     fields: dict[str, str] = field(default_factory=dict)
     checkpoint_seconds: float = 60.0
     # "auto": CUDA when available (under torchrun: the process's LOCAL_RANK device),
