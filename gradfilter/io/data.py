@@ -392,7 +392,10 @@ def _encode_alpaca_batch(
 
 def compact(enc: EncodedRow) -> EncodedRow:
     """The row with its ids and labels as int32 NumPy arrays: 8 bytes a token
-    instead of a Python list's 40 or more (a run keeps every row's tokens)."""
+    instead of a Python list's 40 or more (a run keeps every row's tokens); a
+    compact row is returned as it is."""
+    if isinstance(enc.input_ids, np.ndarray):
+        return enc
     return EncodedRow(
         np.asarray(enc.input_ids, dtype=np.int32),
         np.asarray(enc.labels, dtype=np.int32),
@@ -443,6 +446,6 @@ def encode_rows(
             encoded.append(None)
             statuses.append(f"no response tokens within max_length {max_length}")
             continue
-        encoded.append(compact(enc) if small and not isinstance(enc.input_ids, np.ndarray) else enc)
+        encoded.append(compact(enc) if small else enc)
         statuses.append("ok")
     return encoded, statuses

@@ -65,20 +65,23 @@ class FrozenRMSNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         xf = x.to(_stats_dtype(x))
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * (xf * rstd).to(x.dtype)
+        return weight * (xf * rstd).to(x.dtype), rstd  # rstd: kept, not differentiated
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, eps = inputs
-        xf = x.to(_stats_dtype(x))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(
+        ctx: Any, grad: torch.Tensor, _rstd_grad: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None]:
         x, weight, rstd = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -112,7 +115,7 @@ def _lean_mlp(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _lean_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return FrozenRMSNorm.apply(hidden_states, module.weight, module.variance_epsilon)
+        return FrozenRMSNorm.apply(hidden_states, module.weight, module.variance_epsilon)[0]
 
     return forward
 
