@@ -103,15 +103,26 @@ def split(prof, wall_s: float) -> dict:
     # category of its nearest labelled range, else of its own name.
     events = [e for e in prof.events() if e.device_type.name == "CPU"]
     by: dict[str, float] = {}
+    others: dict[str, list] = {}
     flops = 0
     for e in events:
-        by[category(e)] = by.get(category(e), 0.0) + e.self_cpu_time_total / 1e6
+        c = category(e)
+        by[c] = by.get(c, 0.0) + e.self_cpu_time_total / 1e6
+        if c == "other operators":
+            slot = others.setdefault(e.name, [0.0, 0])
+            slot[0] += e.self_cpu_time_total / 1e6
+            slot[1] += 1
     for e in prof.events():
         if e.name in GEMM and e.flops:
             flops += e.flops
     covered = sum(by.values())
     by["Python and framework (no operator)"] = max(0.0, wall_s - covered)
-    return {"seconds": by, "gemm_flops": flops}
+    top = sorted(others.items(), key=lambda kv: -kv[1][0])[:20]
+    return {
+        "seconds": by,
+        "gemm_flops": flops,
+        "top_other": {name: {"s": round(t, 3), "calls": n} for name, (t, n) in top},
+    }
 
 
 def gemm_rate(dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -168,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_profiled_s": round(wall_prof, 2),
         "split_s": {k: round(v, 3) for k, v in parts["seconds"].items()},
         "split_share": {k: round(v / total, 4) for k, v in parts["seconds"].items()},
+        "top_other_operators": parts["top_other"],
         "gemm_gflop": round(parts["gemm_flops"] / 1e9, 2),
         "achieved_gflops": round(achieved / 1e9, 1),
         "gemm_rate_gflops": round(rate / 1e9, 1),

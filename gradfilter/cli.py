@@ -53,6 +53,7 @@ def _score(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             dry_run=args.dry_run,
             force=args.force,
+            stream=args.stream,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -124,13 +125,24 @@ def _rescore(args: argparse.Namespace) -> int:
 
 
 def _show(result: Any, k: int) -> None:
-    recs = sorted((r for r in result.records if r["score"] is not None), key=lambda r: r["rank"])
+    from gradfilter.run.records import Records
+
+    if isinstance(result.records, Records):  # a streamed run: read only the rows shown
+        recs, bad, n_bad = _shown_records(result.records, k)
+    else:
+        recs = sorted(
+            (r for r in result.records if r["score"] is not None), key=lambda r: r["rank"]
+        )
+        bad = [r for r in result.records if r["status"] != "ok"]
+        n_bad = len(bad)
     method = result.run.get("method", "gsnr")
-    rows = {r.index: r for r in result.rows}
+    rows = {r.index: r for r in result.rows} if not result.run.get("stream") else {}
 
     def line(r: dict) -> str:
-        row = rows[r["index"]]
-        if row.kind == "chat":
+        row = rows.get(r["index"])
+        if row is None:  # a streamed run holds no texts
+            text = f"id {r['id']}"
+        elif row.kind == "chat":
             text = " | ".join(m.get("content", "") for m in row.messages or [])
         else:
             text = f"{row.instruction} -> {row.output}"
@@ -144,11 +156,24 @@ def _show(result: Any, k: int) -> None:
         print(f"\nbottom {min(k, len(recs))}:")
         for r in recs[-k:]:
             print(line(r))
-    bad = [r for r in result.records if r["status"] != "ok"]
     if bad:
-        print(f"\n{len(bad)} rows not scored:")
+        print(f"\n{n_bad} rows not scored:")
         for r in bad[: k or 10]:
             print(f"  row {r['index']}: {r['status']}")
+
+
+def _shown_records(records: Any, k: int) -> tuple[list[dict], list[dict], int]:
+    """The top and bottom ``k`` scored records, the first unscored ones and their
+    number, of a streamed run's :class:`~gradfilter.run.records.Records`, without
+    making the other records."""
+    import numpy as np
+
+    scored = np.flatnonzero(np.isfinite(records.column("score")))
+    order = scored[np.argsort(records.ranks[scored], kind="stable")]
+    pick = order if len(order) <= 2 * k else np.concatenate([order[:k], order[-k:]])
+    statuses = records.meta.statuses  # the rows that are not "ok"
+    bad = [records.record(i) for i in sorted(statuses)[: k or 10]]
+    return [records.record(int(i)) for i in pick], bad, len(statuses)
 
 
 def _select(args: argparse.Namespace) -> int:
@@ -324,6 +349,12 @@ def _add_score_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dry-run", action="store_true", help="report rows, tokens and planned work only"
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the rows as a stream into OUTDIR/rows/ instead of holding them in memory "
+        "(corpora larger than memory; JSON Lines, Parquet or a saved dataset)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(

@@ -136,10 +136,13 @@ def test_torchrun_gives_the_single_process_scores(setup, nproc):
     if not (one / "scores.jsonl").exists():
         _gradfilter(["score", str(data), "-o", str(one), "--proxy", str(proxy), *ARGS])
     many = folder / f"many-{nproc}"
+    stream = ["--stream"] if nproc == 3 else []  # each process streams into its own store
     done = _gradfilter(
-        ["score", str(data), "-o", str(many), "--proxy", str(proxy), *ARGS], nproc=nproc
+        ["score", str(data), "-o", str(many), "--proxy", str(proxy), *ARGS, *stream], nproc=nproc
     )
     assert "member-parallel across" in done.stderr
+    if stream:
+        assert {f"rows.rank{r}" for r in range(nproc)} <= set(os.listdir(many))
     a, b = _scores(one), _scores(many)
     assert len(a) == len(b) == len(ROWS)
     # Each member trains as in one process (same batches, padding, chunks, dropout

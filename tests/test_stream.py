@@ -169,3 +169,168 @@ def test_dry_run_memory_does_not_grow_with_the_corpus(tmp_path):
     # Holding the rows would take several hundred MB (Row objects, encoded ids);
     # the stream keeps 8 bytes a row plus one chunk.
     assert got["grew_kib"] < 64 * 1024, got
+
+
+# ----------------------------------------------------------------------------- scoring a stream
+
+
+def _outputs(out):
+    z = np.load(out / "norms.npz")
+    return (out / "scores.jsonl").read_bytes(), {k: z[k] for k in z.files if k != "rows"}
+
+
+@pytest.mark.parametrize("norms", ["snapshot", "inflight"])
+def test_a_streamed_run_writes_the_scores_of_a_whole_read(tmp_path, monkeypatch, norms):
+    """The rows read three at a time into a row store on disk give the same
+    scores.jsonl (byte for byte), norms and plan as the rows held in memory."""
+    from gradfilter.run import store
+
+    monkeypatch.setattr(store, "CHUNK_ROWS", 3)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    cfg = ScoreConfig(**CFG, norms=norms, token_budget=400)
+    whole = score(str(data), str(tmp_path / "whole"), cfg, progress=False,
+                  model_and_tokenizer=proxy())  # fmt: skip
+    streamed = score(str(data), str(tmp_path / "stream"), cfg, progress=False,
+                     model_and_tokenizer=proxy(), stream=True)  # fmt: skip
+    a, b = _outputs(tmp_path / "whole"), _outputs(tmp_path / "stream")
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k])
+    assert streamed.run["plan"] == whole.run["plan"]
+    assert streamed.run["rows_fingerprint"] == whole.run["rows_fingerprint"]
+    assert streamed.run["stream"]["rows"] == len(whole.records)
+    assert list(streamed.records) == whole.records
+    assert sorted(os.listdir(tmp_path / "stream" / "rows")) == [
+        "ids.bin",
+        "keys.bin",
+        "labels.bin",
+    ]
+    # the rows a streamed run hands back: places, ids and statuses, no texts
+    assert [(r.index, r.id, r.status) for r in streamed.rows] == [
+        (r.index, r.id, r.status) for r in whole.rows
+    ]
+
+
+def test_a_streamed_run_without_a_folder_and_a_rescore(tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    cfg = ScoreConfig(**CFG, token_budget=400)
+    whole = score(str(data), str(tmp_path / "w"), cfg, progress=False,
+                  model_and_tokenizer=proxy())  # fmt: skip
+    held = score(str(data), None, cfg, progress=False, model_and_tokenizer=proxy(), stream=True)
+    assert held.records == whole.records  # the temporary store is gone; records are kept
+    streamed = tmp_path / "s"
+    score(str(data), str(streamed), cfg, progress=False, model_and_tokenizer=proxy(), stream=True)
+    from gradfilter.run.score import rescore
+
+    again = rescore(str(streamed), output=str(tmp_path / "again"), plots=False)
+    assert (tmp_path / "again" / "scores.jsonl").read_bytes() == (
+        streamed / "scores.jsonl"
+    ).read_bytes()
+    assert again.records == whole.records
+
+
+def test_an_interrupted_streamed_run_resumes_to_the_same_scores(tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    cfg = ScoreConfig(**CFG, token_budget=400, checkpoint_seconds=0)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        score(str(data), str(out), cfg, progress=False, model_and_tokenizer=proxy(),
+              stream=True, stop_after=4)  # fmt: skip
+    logs = []
+    score(str(data), str(out), cfg, progress=False, model_and_tokenizer=proxy(), stream=True,
+          log=logs.append)  # fmt: skip
+    assert any("resuming from" in s for s in logs)
+    whole = tmp_path / "whole"
+    score(str(data), str(whole), cfg, progress=False, model_and_tokenizer=proxy())
+    assert (out / "scores.jsonl").read_bytes() == (whole / "scores.jsonl").read_bytes()
+
+
+def test_the_row_store_reads_back_every_row(tmp_path):
+    """Tokens, labels, counts, ids and statuses of every row, read back from disk,
+    equal what prepare holds; a dropped row reads as None with its status."""
+    from gradfilter.run.store import build_store
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    cfg = ScoreConfig(**CFG)
+    _, tok = proxy()
+    held = prepare(str(data), cfg, tok)
+    st = build_store(str(data), str(tmp_path / "rows"), tok, cfg.max_length, chunk=4)
+    assert len(st) == len(held.rows)
+    for i, (row, enc) in enumerate(zip(held.rows, held.encoded, strict=True)):
+        got = st.encoded[i]
+        assert (st.rows[i].id, st.rows[i].status) == (row.id, row.status)
+        if enc is None:
+            assert got is None
+            continue
+        assert got.input_ids.tolist() == list(enc.input_ids)
+        assert got.labels.tolist() == list(enc.labels)
+        assert (got.truncated, got.n_tokens, got.n_response_tokens) == (
+            enc.truncated,
+            enc.n_tokens,
+            enc.n_response_tokens,
+        )
+    first = int(st.ok[0])
+    st.drop(first, "too long for the memory at hand")
+    assert st.encoded[first] is None and st.rows[first].status.startswith("too long")
+    assert first not in st.ok.tolist()
+    with pytest.raises(TypeError):
+        st.encoded[first] = held.encoded[first]
+
+
+def test_the_command_line_streams_and_shows_rows_by_id(tmp_path, capsys):
+    from gradfilter.cli import main
+
+    model, tok = proxy()
+    model.save_pretrained(tmp_path / "proxy")
+    tok.save_pretrained(tmp_path / "proxy")
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    args = ["score", str(data), "--proxy", str(tmp_path / "proxy"), "--members", "3",
+            "--rank", "4", "--alpha", "8", "--batch-size", "4", "--max-length", "96",
+            "--token-budget", "400", "--no-progress", "--show", "2"]  # fmt: skip
+    assert main([*args, "-o", str(tmp_path / "s"), "--stream"]) == 0
+    shown = capsys.readouterr().out
+    assert main([*args, "-o", str(tmp_path / "w")]) == 0
+    held = capsys.readouterr().out
+    assert (tmp_path / "s" / "scores.jsonl").read_bytes() == (
+        tmp_path / "w" / "scores.jsonl"
+    ).read_bytes()
+    records = [json.loads(x) for x in (tmp_path / "s" / "scores.jsonl").read_text().splitlines()]
+    top = min((r for r in records if r["rank"] == 1), key=lambda r: r["index"])
+    assert f"row {top['index']:5d}  id {top['id']}" in shown
+    bad = sum(r["status"] != "ok" for r in records)
+    assert f"{bad} rows not scored:" in shown and f"{bad} rows not scored:" in held
+    # the same lines as the held run's, with ids for texts
+    assert len(shown.splitlines()) == len(held.splitlines())
+
+
+def test_select_from_a_streamed_run_reads_the_input_as_a_stream(tmp_path):
+    from gradfilter.run.score import select
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    cfg = ScoreConfig(**CFG, token_budget=400)
+    score(str(data), str(tmp_path / "w"), cfg, progress=False, model_and_tokenizer=proxy())
+    score(str(data), str(tmp_path / "s"), cfg, progress=False, model_and_tokenizer=proxy(),
+          stream=True)  # fmt: skip
+    for order in ("rank", "input"):
+        for kw in ({"ratio": 0.5}, {"top_k": 3}):
+            a, ca = select(str(tmp_path / "w"), output=str(tmp_path / f"a-{order}.jsonl"),
+                           order=order, **kw)  # fmt: skip
+            b, cb = select(str(tmp_path / "s"), output=str(tmp_path / f"b-{order}.jsonl"),
+                           order=order, **kw)  # fmt: skip
+            assert ca == cb and len(cb) == (kw.get("top_k") or 8)
+            assert open(a, "rb").read() == open(b, "rb").read()
+    lines = data.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="changed since it was scored"):
+        select(str(tmp_path / "s"), top_k=2)
+    data.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match="re-run score"):
+        select(str(tmp_path / "s"), top_k=2)

@@ -418,15 +418,8 @@ def iter_rows(
     path = Path(source)
     kind = _checked_kind(path, format)
     if kind == "jsonl":
-        with open(path, "rb") as f:
-            index = 0
-            for lineno, raw in enumerate(f, 1):
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                raw = raw.rstrip(b"\n")
-                if raw.strip():
-                    yield _jsonl_row(index, lineno, raw, resolved)
-                    index += 1
+        for index, lineno, raw in jsonl_lines(path):
+            yield _jsonl_row(index, lineno, raw, resolved)
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -440,6 +433,20 @@ def iter_rows(
     else:
         for i, rec in enumerate(formats.read_json(path)):
             yield _make_row(i, rec, resolved)
+
+
+def jsonl_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, int, bytes]]:
+    """``(row index, line number, raw line)`` of each row of a JSON Lines file, a
+    line at a time: blank lines are no rows, a leading BOM is dropped."""
+    with open(path, "rb") as f:
+        index = 0
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\n")
+            if raw.strip():
+                yield index, lineno, raw
+                index += 1
 
 
 def _iter_dataset(dataset: Any, fields: dict[str, str], batch_rows: int) -> Iterator[Row]:

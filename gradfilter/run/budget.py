@@ -283,10 +283,9 @@ def choose_token_budget(
         return config, choice
     members = config.members if METHODS[config.method].kind == "ensemble" else 1
     budget = choice.token_budget
-    for i, enc in enumerate(prepared.encoded):
-        if enc is not None and not row_fits(len(enc.input_ids), members, budget):
-            prepared.rows[i].status = too_long_status(len(enc.input_ids), members, budget)
-            prepared.encoded[i] = None
+    for i, length in zip(list(prepared.ok), list(prepared.lengths), strict=True):
+        if not row_fits(int(length), members, budget):
+            prepared.drop(int(i), too_long_status(int(length), members, budget))
     return dataclasses.replace(config, token_budget=budget), choice
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from gradfilter.run.loop import collate
-from gradfilter.run.records import build_records, row_meta
+from gradfilter.run.records import build_records
 
 
 def pad_id_of(tok: Any) -> int:
@@ -25,7 +25,7 @@ def score_forward(config, model, tok, prepared, work, timings):
         config, model, tok, prepared.rows, prepared.encoded, prepared.ok, work.snaps, pad_id_of(tok)
     )
     timings["scoring_s"] = time.perf_counter() - t0
-    meta = row_meta(prepared.rows, prepared.encoded)
+    meta = prepared.meta()
     return build_records(meta, prepared.ok, config, values=values), counted, {}
 
 

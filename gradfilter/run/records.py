@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -58,26 +59,29 @@ def row_meta(rows: list[Any], encoded: list[Any]) -> list[dict[str, Any]]:
 
 
 def records_from_trajectory(
-    meta: list[dict[str, Any]],
-    ok: list[int],
+    meta: Any,
+    ok: Any,
     config: ScoreConfig,
     sq: np.ndarray,
     norm_epochs: list[int],
-) -> list[dict[str, Any]]:
+    table: bool = False,
+) -> Any:
     """The records of an ensemble method from the ``[ok rows, M, checkpoints]`` norms:
-    the early and late points are the columns of epochs ``config.early`` / ``late``."""
+    the early and late points are the columns of epochs ``config.early`` / ``late``.
+    ``table``: as :class:`Records` (made as they are read), not a list."""
     grand = config.method == "grand"
     for e in (config.early,) if grand else (config.early, config.late):
         if e not in norm_epochs:
             raise ValueError(f"epoch {e} has no recorded norms; recorded epochs: {norm_epochs}")
     early_sq = sq[:, :, norm_epochs.index(config.early)]
     late_sq = None if grand else sq[:, :, norm_epochs.index(config.late)]
-    return build_records(meta, ok, config, early_sq=early_sq, late_sq=late_sq)
+    make = record_table if table else build_records
+    return make(meta, ok, config, early_sq=early_sq, late_sq=late_sq)
 
 
 def build_records(
-    meta: list[dict[str, Any]],
-    ok: list[int],
+    meta: Any,
+    ok: Any,
     config: ScoreConfig,
     *,
     early_sq: np.ndarray | None = None,
@@ -88,14 +92,35 @@ def build_records(
 
     ``early_sq`` / ``late_sq``: ``[ok rows, M]`` squared norms (ensemble methods);
     ``values``: per-ok-row arrays of a forward method, keyed by name."""
+    return list(record_table(meta, ok, config, early_sq=early_sq, late_sq=late_sq, values=values))
+
+
+def record_table(
+    meta: Any,
+    ok: Any,
+    config: ScoreConfig,
+    *,
+    early_sq: np.ndarray | None = None,
+    late_sq: np.ndarray | None = None,
+    values: dict[str, np.ndarray] | None = None,
+) -> Records:
+    """:func:`build_records` as :class:`Records`: the columns as arrays, each row's
+    record made when it is read (a run over a stored corpus never holds them all).
+    ``meta``: a sequence of :data:`ROW_FIELDS` dicts, or anything with ``n``,
+    ``n_response`` and ``meta(start, stop)`` (a :class:`gradfilter.run.store.RowStore`)."""
     from gradfilter.method.gsnr import ablation_scores, gsnr_components, rank_scores
     from gradfilter.method.registry import METHODS
 
-    n = len(meta)
+    stored = hasattr(meta, "n_response")
+    n = meta.n if stored else len(meta)
+    ok = np.asarray(ok, dtype=np.int64)
     values = dict(values or {})
     comp: dict[str, np.ndarray] = {}
     if early_sq is not None and late_sq is not None:
-        lengths = [meta[i]["n_response_tokens"] or 0 for i in ok]
+        if stored:
+            lengths = meta.n_response[ok].tolist()
+        else:
+            lengths = [meta[i]["n_response_tokens"] or 0 for i in ok.tolist()]
         comp = gsnr_components(early_sq, late_sq, config.gsnr_config(), lengths)
         values.update({f"ablation.{k}": v for k, v in ablation_scores(comp).items()})
     elif early_sq is not None:
@@ -104,90 +129,133 @@ def build_records(
     method_score = {**values, **comp}[method.source]
     if method.discard_at is not None:
         method_score = np.where(method_score < method.discard_at, method_score, np.nan)
-    full = np.full(n, np.nan)
-    full[ok] = method_score
-    ranks = rank_scores(full, higher_is_better=method.higher_is_better)
-    records = []
-    cols = _Columns(n, ok)
-    score_col = cols.full(full)
-    named = {k: cols.of(comp.get(k)) for k in ("gsnr", "drop", "late_var", "late_mean")}
-    named["early_mean"] = cols.of(comp.get("early_mean", values.get("early_mean")))
-    early_rows, late_rows = cols.rows(early_sq), cols.rows(late_sq)
-    ablations = {
-        k.split(".", 1)[1]: cols.of(v) for k, v in values.items() if k.startswith("ablation.")
+
+    def spread(arr: np.ndarray | None) -> np.ndarray | None:
+        if arr is None:
+            return None
+        out = np.full((n,) + np.shape(arr)[1:], np.nan)
+        out[ok] = arr
+        return out
+
+    full = spread(method_score)
+    table = Records(meta, n, method.name, ok)
+    table.ranks = rank_scores(full, higher_is_better=method.higher_is_better)
+    table.columns["score"] = full
+    for k in ("gsnr", "drop", "late_var", "late_mean"):
+        table.columns[k] = spread(comp.get(k))
+    table.columns["early_mean"] = spread(comp.get("early_mean", values.get("early_mean")))
+    table.early_sq, table.late_sq = spread(early_sq), spread(late_sq)
+    table.ablations = {
+        k.split(".", 1)[1]: spread(v) for k, v in values.items() if k.startswith("ablation.")
     }
-    others = {
-        k: cols.of(v) for k, v in values.items() if not k.startswith("ablation.") and k not in named
+    table.others = {
+        k: spread(v)
+        for k, v in values.items()
+        if not k.startswith("ablation.") and k not in table.columns
     }
-    discarded = None
     if method.discard_at is not None:
-        discarded = cols.of(np.where(values[method.source] < method.discard_at, 0.0, 1.0))
-    rank_list = ranks.tolist()
-    for i, info in enumerate(meta):
-        rec = {
-            "index": info["index"],
-            "id": info["id"],
-            "status": info["status"],
-            "method": method.name,
-            "score": score_col[i],
-            "gsnr": named["gsnr"][i],
-            "drop": named["drop"][i],
-            "late_var": named["late_var"][i],
-            "early_mean": named["early_mean"][i],
-            "late_mean": named["late_mean"][i],
-            "early_sq": early_rows[i],
-            "late_sq": late_rows[i],
-            "n_tokens": info["n_tokens"],
-            "n_response_tokens": info["n_response_tokens"],
-            "truncated": info["truncated"],
-            "rank": rank_list[i],
-        }
-        if cols.scored(i):
-            if ablations:
-                rec["ablation"] = {k: v[i] for k, v in ablations.items()}
-        for name, col in others.items():
-            rec[name] = col[i]
-        if discarded is not None and cols.scored(i):
-            rec["discarded"] = discarded[i] == 1.0
-        records.append(rec)
-    return records
+        table.discarded = spread(np.where(values[method.source] < method.discard_at, 0.0, 1.0))
+    return table
 
 
-class _Columns:
-    """Per-row Python values of per-scored-row arrays: a float, or None for a row
-    that was not scored or a value that is not finite (JSON has no NaN)."""
+def _floats(a: np.ndarray | None, n: int) -> list:
+    """Python floats of ``a``, None where not finite or absent (JSON has no NaN)."""
+    if a is None:
+        return [None] * n
+    a = np.asarray(a, dtype=np.float64)
+    return [None if x != x else x for x in np.where(np.isfinite(a), a, np.nan).tolist()]
 
-    def __init__(self, n: int, ok: list[int]) -> None:
-        self.n = n
-        self.ok = np.asarray(ok, dtype=np.int64)
-        self._scored = np.zeros(n, dtype=bool)
-        self._scored[self.ok] = True
 
-    def scored(self, i: int) -> bool:
-        return bool(self._scored[i])
+class Records:
+    """The records of a run (:func:`record_table`): iterating makes them
+    ``chunk`` rows at a time; ``column`` gives one field as an array."""
 
-    def full(self, arr: np.ndarray) -> list[float | None]:
-        """A length-n array (already one entry per row)."""
-        a = np.asarray(arr, dtype=np.float64)
-        return [None if x != x else x for x in np.where(np.isfinite(a), a, np.nan).tolist()]
+    CHUNK = 65536
 
-    def of(self, arr: np.ndarray | None) -> list[float | None]:
-        """A per-scored-row array spread over the n rows."""
-        if arr is None:
-            return [None] * self.n
-        out = np.full(self.n, np.nan)
-        out[self.ok] = arr
-        return self.full(out)
+    def __init__(self, meta: Any, n: int, method: str, ok: np.ndarray) -> None:
+        self.meta, self.n, self.method = meta, n, method
+        self.scored = np.zeros(n, dtype=bool)
+        self.scored[ok] = True
+        self.ranks = np.zeros(n, dtype=np.int64)
+        self.columns: dict[str, np.ndarray | None] = {}
+        self.early_sq: np.ndarray | None = None
+        self.late_sq: np.ndarray | None = None
+        self.ablations: dict[str, np.ndarray] = {}
+        self.others: dict[str, np.ndarray] = {}
+        self.discarded: np.ndarray | None = None
 
-    def rows(self, arr: np.ndarray | None) -> list[list[float | None] | None]:
-        """``[ok rows, M]`` -> per row a list of M values, None for unscored rows."""
-        out: list[list[float | None] | None] = [None] * self.n
-        if arr is None:
-            return out
-        a = np.asarray(arr, dtype=np.float64)
-        a = np.where(np.isfinite(a), a, np.nan).tolist()
-        for j, i in enumerate(self.ok.tolist()):
-            out[i] = [None if x != x else x for x in a[j]]
+    def __len__(self) -> int:
+        return self.n
+
+    def column(self, key: str) -> np.ndarray:
+        """``score``, ``gsnr``, ``drop``, ... of every row (NaN where none)."""
+        a = self.columns.get(key)
+        return np.full(self.n, np.nan) if a is None else np.where(np.isfinite(a), a, np.nan)
+
+    def record(self, i: int) -> dict[str, Any]:
+        """Row ``i``'s record."""
+        return self._chunk(i, i + 1)[0]
+
+    def _meta(self, start: int, stop: int) -> list[dict[str, Any]]:
+        if hasattr(self.meta, "n_response"):
+            return self.meta.meta(start, stop)
+        return [self.meta[i] for i in range(start, stop)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, self.n, self.CHUNK):
+            yield from self._chunk(start, min(self.n, start + self.CHUNK))
+
+    def _chunk(self, start: int, stop: int) -> list[dict[str, Any]]:
+        k = stop - start
+        sl = slice(start, stop)
+
+        def cut(a: np.ndarray | None) -> list:
+            return _floats(None if a is None else a[sl], k)
+
+        cols = {name: cut(a) for name, a in self.columns.items()}
+        scored = self.scored[sl].tolist()
+
+        def per_row(a: np.ndarray | None) -> list:
+            if a is None:
+                return [None] * k
+            vals = np.where(np.isfinite(a[sl]), a[sl], np.nan).tolist()
+            return [
+                [None if x != x else x for x in v] if s else None
+                for v, s in zip(vals, scored, strict=True)
+            ]
+
+        early, late = per_row(self.early_sq), per_row(self.late_sq)
+        ablations = {name: cut(a) for name, a in self.ablations.items()}
+        others = {name: cut(a) for name, a in self.others.items()}
+        discarded = cut(self.discarded) if self.discarded is not None else None
+        ranks = self.ranks[sl].tolist()
+        out = []
+        for j, info in enumerate(self._meta(start, stop)):
+            rec = {
+                "index": info["index"],
+                "id": info["id"],
+                "status": info["status"],
+                "method": self.method,
+                "score": cols["score"][j],
+                "gsnr": cols["gsnr"][j],
+                "drop": cols["drop"][j],
+                "late_var": cols["late_var"][j],
+                "early_mean": cols["early_mean"][j],
+                "late_mean": cols["late_mean"][j],
+                "early_sq": early[j],
+                "late_sq": late[j],
+                "n_tokens": info["n_tokens"],
+                "n_response_tokens": info["n_response_tokens"],
+                "truncated": info["truncated"],
+                "rank": ranks[j],
+            }
+            if scored[j] and ablations:
+                rec["ablation"] = {name: v[j] for name, v in ablations.items()}
+            for name, v in others.items():
+                rec[name] = v[j]
+            if discarded is not None and scored[j]:
+                rec["discarded"] = discarded[j] == 1.0
+            out.append(rec)
         return out
 
 
@@ -204,6 +272,10 @@ def write_norms(
     checkpoint, and the rows' :data:`ROW_FIELDS` (one JSON text).  float64, so
     that a rescore reproduces the scores exactly."""
     n_rows = len(meta)
+    # a streamed run's rows stay in its row store; scores.jsonl has their fields
+    rows = {}
+    if isinstance(meta, list):
+        rows["rows"] = np.asarray(json.dumps(meta, ensure_ascii=False))
     arrays: dict[str, np.ndarray] = {}
     for name, arr in traj.items():
         full = np.full(
@@ -218,7 +290,7 @@ def write_norms(
         epoch=np.asarray(epochs, dtype=np.int64),
         step=np.asarray(steps, dtype=np.int64),
         scored=np.asarray(ok, dtype=np.int64),
-        rows=np.asarray(json.dumps(meta, ensure_ascii=False)),
+        **rows,
     )
     atomic_write(os.path.join(outdir, NORMS_FILE), buf.getvalue())
 
@@ -241,8 +313,9 @@ def read_norms(outdir: str, keys: tuple[str, ...] | None = None) -> dict[str, np
 _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
-def write_outputs(outdir: str, records: list[dict], run: dict, plots: bool = True) -> None:
-    """``scores.jsonl``, ``run.json`` and, for G-SNR runs, the two plots."""
+def write_outputs(outdir: str, records: Any, run: dict, plots: bool = True) -> None:
+    """``scores.jsonl``, ``run.json`` and, for G-SNR runs, the two plots.
+    ``records``: a list of records or :class:`Records` (written a chunk at a time)."""
     from gradfilter.run.plots import plot_drop_vs_variance, plot_gsnr_distribution
 
     os.makedirs(outdir, exist_ok=True)
@@ -250,23 +323,40 @@ def write_outputs(outdir: str, records: list[dict], run: dict, plots: bool = Tru
     # U+0085, U+2028 and U+2029 are escaped too: JSON allows them raw inside strings,
     # but line splitters such as str.splitlines() would cut a record there.
     encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
-    lines = "".join([encode(r) + "\n" for r in records]).translate(_LINE_BREAKS)
-    atomic_write(os.path.join(outdir, SCORES_FILE), lines.encode("utf-8"))
+    path = os.path.join(outdir, SCORES_FILE)
+    chunks = (
+        (records[i : i + Records.CHUNK] for i in range(0, len(records), Records.CHUNK))
+        if isinstance(records, list)
+        else (records._chunk(i, min(len(records), i + Records.CHUNK))
+              for i in range(0, len(records), Records.CHUNK))
+    )  # fmt: skip
+    with open(path + ".tmp", "wb") as f:
+        for chunk in chunks:
+            lines = "".join([encode(r) + "\n" for r in chunk]).translate(_LINE_BREAKS)
+            f.write(lines.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
     atomic_write(os.path.join(outdir, RUN_FILE), json.dumps(run, indent=2).encode("utf-8"))
-    if not plots or not any(r["drop"] is not None for r in records):
+    if isinstance(records, Records):
+        column, n = records.column, len(records)
+        rank = records.ranks
+    else:
+        n = len(records)
+
+        def column(key: str) -> np.ndarray:
+            return np.array([np.nan if r[key] is None else r[key] for r in records], dtype=float)
+
+        rank = np.array([r["rank"] for r in records], dtype=np.int64)
+    drop = column("drop")
+    if not plots or not np.isfinite(drop).any():
         return
-
-    def column(key: str) -> np.ndarray:
-        return np.array([np.nan if r[key] is None else r[key] for r in records])
-
     g = column("gsnr")
-    top = np.array(
-        [r["rank"] <= max(1, len(records) // 10) and r["score"] is not None for r in records]
-    )
+    top = (rank <= max(1, n // 10)) & np.isfinite(column("score"))
     threshold = float(np.nanmin(np.where(top, g, np.nan))) if top.any() else None
     plot_gsnr_distribution(g, os.path.join(outdir, "gsnr_distribution.png"), threshold)
     plot_drop_vs_variance(
-        column("drop"), column("late_var"), os.path.join(outdir, "drop_vs_variance.png"), top
+        drop, column("late_var"), os.path.join(outdir, "drop_vs_variance.png"), top
     )
 
 
@@ -275,11 +365,11 @@ def rows_fingerprint(rows: list[Any]) -> str:
     before writing a subset of the file that was scored)."""
     import hashlib
 
+    from gradfilter.run.store import content_hash_update
+
     h = hashlib.sha256()
     for r in rows:
-        content = [r.index, r.id, r.kind, r.instruction, r.input, r.output, r.messages]
-        h.update(json.dumps(content, ensure_ascii=False, default=str).encode("utf-8"))
-        h.update(b"\x1e")
+        content_hash_update(h, r)
     return h.hexdigest()[:16]
 
 

@@ -13,10 +13,12 @@ after a kill resumes where it stopped and ends with the same scores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,10 +51,10 @@ from gradfilter.run.records import (
     RUN_FILE,
     SCORES_FILE,
     atomic_write,
-    build_records,
     read_norms,
     read_run,
     read_scores,
+    record_table,
     records_from_trajectory,
     row_meta,
     rows_fingerprint,
@@ -107,26 +109,73 @@ class ScoreResult:
 @dataclass
 class Prepared:
     """The loaded rows: ``encoded[i]`` is None for a row that cannot be scored
-    (its status says why); ``ok`` lists the scorable positions."""
+    (its status says why); ``ok`` lists the scorable positions.  With ``store``
+    (a :class:`gradfilter.run.store.RowStore`, ``--stream``) ``rows`` and
+    ``encoded`` read the rows from disk as they are used."""
 
-    rows: list[Any]
+    rows: Any
     source: Any
-    encoded: list[Any]
+    encoded: Any
+    store: Any = None
 
     @property
-    def ok(self) -> list[int]:
+    def ok(self) -> Any:
+        if self.store is not None:
+            return self.store.ok
         return [i for i, e in enumerate(self.encoded) if e is not None]
 
     @property
-    def lengths(self) -> list[int]:
+    def lengths(self) -> Any:
+        if self.store is not None:
+            return self.store.length[self.store.ok]
         return [len(self.encoded[i].input_ids) for i in self.ok]
 
     def statuses(self) -> dict[str, int]:
         out: dict[str, int] = {}
+        if self.store is not None:
+            if self.store.n > len(self.store.statuses):
+                out["ok"] = self.store.n - len(self.store.statuses)
+            for status in self.store.statuses.values():
+                key = status_kind(status)
+                out[key] = out.get(key, 0) + 1
+            return out
         for r in self.rows:
             key = status_kind(r.status)
             out[key] = out.get(key, 0) + 1
         return out
+
+    def set_status(self, i: int, status: str) -> None:
+        if self.store is not None:
+            self.store.set_status(i, status)
+        else:
+            self.rows[i].status = status
+
+    def drop(self, i: int, status: str) -> None:
+        """Row ``i`` is not scored after all; ``status`` says why."""
+        if self.store is not None:
+            self.store.drop(i, status)
+        else:
+            self.rows[i].status = status
+            self.encoded[i] = None
+
+    def drop_all(self, status: str) -> None:
+        for i in list(self.ok):
+            self.drop(int(i), status)
+
+    def meta(self) -> Any:
+        """Every row's :data:`ROW_FIELDS` (a list, or the store itself)."""
+        return self.store if self.store is not None else row_meta(self.rows, self.encoded)
+
+    def fingerprint(self) -> str:
+        if self.store is not None:
+            return self.store.rows_fingerprint
+        return rows_fingerprint(self.rows)
+
+    @property
+    def truncated(self) -> int:
+        if self.store is not None:
+            return int(self.store.truncated[self.store.length > 0].sum())
+        return sum(1 for e in self.encoded if e is not None and e.truncated)
 
 
 @dataclass
@@ -161,9 +210,24 @@ class Plan:
         )
 
 
-def prepare(data: Any, config: ScoreConfig, tokenizer: Any) -> Prepared:
+def prepare(
+    data: Any,
+    config: ScoreConfig,
+    tokenizer: Any,
+    store: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Prepared:
     """Load and tokenise the rows (:class:`Prepared`); a row that cannot be encoded
-    gets the reason as its status."""
+    gets the reason as its status.  ``store``: a folder to stream the rows into
+    (:func:`gradfilter.run.store.build_store`) instead of holding them."""
+    if store is not None:
+        from gradfilter.run.store import build_store
+
+        built = build_store(
+            data, store, tokenizer, config.max_length, config.template, config.fields or None,
+            log=log,
+        )  # fmt: skip
+        return Prepared(built.rows, _stream_source(data, config), built.encoded, built)
     from gradfilter.io.data import encode_rows
     from gradfilter.io.rows import load_rows
 
@@ -174,6 +238,18 @@ def prepare(data: Any, config: ScoreConfig, tokenizer: Any) -> Prepared:
     for row, status in zip(rows, statuses, strict=True):
         row.status = status
     return Prepared(rows, source, encoded)
+
+
+def _stream_source(data: Any, config: ScoreConfig) -> Any:
+    """The :class:`~gradfilter.io.rows.Source` of streamed rows (no rows held)."""
+    from pathlib import Path
+
+    from gradfilter.io.rows import Source, _checked_kind, _resolve_fields
+
+    fields = _resolve_fields(config.fields or None)
+    if isinstance(data, (str, os.PathLike)):
+        return Source(_checked_kind(Path(data), "auto"), str(data), fields)
+    return Source("records", None, fields)
 
 
 @dataclass
@@ -198,7 +274,7 @@ def counts_of(prepared: Prepared) -> Counts:
         rows=len(prepared.rows),
         statuses=prepared.statuses(),
         lengths=np.asarray(prepared.lengths, dtype=np.int64),
-        truncated=sum(1 for e in prepared.encoded if e is not None and e.truncated),
+        truncated=prepared.truncated,
     )
 
 
@@ -344,6 +420,7 @@ def score(
     model_and_tokenizer: tuple[Any, Any] | None = None,
     stop_after: int | None = None,
     force: bool = False,
+    stream: bool = False,
 ) -> ScoreResult:
     """Score every row of ``data`` by ``config.method`` (G-SNR by default).
 
@@ -359,6 +436,12 @@ def score(
         force: ``outdir`` may hold the outputs of another run; they are removed.
             Without it such a folder is refused (a finished run of the same
             settings is simply finished again; an interrupted one resumes).
+        stream: read ``data`` as a stream into files under ``outdir`` (a
+            temporary folder without one; :mod:`gradfilter.run.store`) instead
+            of holding every row in memory: for corpora larger than memory.
+            The scores are the same; ``ScoreResult.records`` is then
+            :class:`~gradfilter.run.records.Records` (made as they are read)
+            and ``ScoreResult.rows`` light rows without their texts.
 
     Raises:
         ValueError: bad settings, an unusable output folder, no scorable row (the
@@ -378,7 +461,7 @@ def score(
     try:
         result = _score(
             data, outdir, config, world, device, say, progress, dry_run,
-            model_and_tokenizer, stop_after, force,
+            model_and_tokenizer, stop_after, force, stream,
         )  # fmt: skip
     except BaseException:
         if joined:
@@ -414,7 +497,7 @@ def _process_log(say: Callable[[str], None], world: World) -> Callable[[str], No
 
 def _score(
     data, outdir, config, world, device, say, progress, dry_run, model_and_tokenizer,
-    stop_after, force,
+    stop_after, force, stream=False,
 ) -> ScoreResult:  # fmt: skip
     ensemble = METHODS[config.method].kind == "ensemble"
     if world.distributed and not ensemble:
@@ -440,8 +523,35 @@ def _score(
     if dry_run:
         return _dry_run(data, outdir, config, model, tok, world, share, say, layout)
     t0 = time.perf_counter()
-    prepared = prepare(data, config, tok)
-    timings["tokenize_s"] = time.perf_counter() - t0
+    with _store_folder(outdir if stream else None, world, stream) as folder:
+        prepared = prepare(data, config, tok, store=folder, log=say)
+        timings["tokenize_s"] = time.perf_counter() - t0
+        return _score_prepared(
+            prepared, outdir, config, world, say, progress, model, tok, timings,
+            stop_after, share, layout, t_start,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _store_folder(outdir: str | None, world: World, stream: bool):
+    """Where a streamed run keeps its rows (None: held in memory): ``OUTDIR/rows``
+    (one folder per process under torchrun), else a temporary folder."""
+    if not stream:
+        yield None
+        return
+    name = "rows" if world.size == 1 else f"rows.rank{world.rank}"
+    if outdir:
+        yield os.path.join(outdir, name)
+        return
+    with tempfile.TemporaryDirectory(prefix="gradfilter-rows-") as tmp:
+        yield os.path.join(tmp, name)
+
+
+def _score_prepared(
+    prepared, outdir, config, world, say, progress, model, tok, timings, stop_after, share,
+    layout, t_start,
+) -> ScoreResult:  # fmt: skip
+    ensemble = METHODS[config.method].kind == "ensemble"
     config, budget = choose_token_budget(
         config, model, prepared, outdir, share=len(share) or None,
         agree=lambda b: min(gather(world, b)),
@@ -452,7 +562,7 @@ def _score(
     _note_parallel(work, config, world, share, layout)
     work.summary["token_budget"] = budget.to_json()
     say(f"{work.description}; {budget.describe()}")
-    if not prepared.ok:
+    if len(prepared.ok) == 0:
         _no_row_scored(config, prepared, work, outdir, world.main)
     if work.ensemble:
         records, counted, extra = _score_ensemble(
@@ -464,10 +574,15 @@ def _score(
     timings["total_s"] = time.perf_counter() - t_start
     run = {**run_summary(config, prepared.source, work.summary, timings, counted, model), **extra}
     run["token_budget"] = budget.to_json()
-    run["rows_fingerprint"] = rows_fingerprint(prepared.rows)
+    run["rows_fingerprint"] = prepared.fingerprint()
+    if prepared.store is not None:
+        run["stream"] = {"rows_folder": prepared.store.folder, "rows": prepared.store.n}
     if outdir and world.main:
         write_outputs(outdir, records, run)
-    return ScoreResult(records, run, outdir, prepared.rows, prepared.source)
+    rows = prepared.rows
+    if prepared.store is not None and not outdir:  # the temporary store goes with the run
+        records, rows = list(records), list(rows)
+    return ScoreResult(records, run, outdir, rows, prepared.source)
 
 
 def _note_parallel(
@@ -516,7 +631,7 @@ def _mark_non_finite(
     sq[~np.isfinite(sq)] = np.nan  # an infinite norm is no measurement: NaN, as unscored
     ok = prepared.ok
     for j in np.flatnonzero(bad).tolist():
-        prepared.rows[ok[j]].status = f"gradient norm not finite at epochs {needed}"
+        prepared.set_status(int(ok[j]), f"gradient norm not finite at epochs {needed}")
 
 
 def _no_row_scored(
@@ -524,14 +639,14 @@ def _no_row_scored(
 ):
     """Write every row's status (when there is a folder; rank 0), then raise."""
     if outdir and main:
-        meta = row_meta(prepared.rows, prepared.encoded)
+        meta = prepared.meta()
         run = {
             "config": dataclasses.asdict(config),
             "method": config.method,
             "plan": work.summary,
             "scored": 0,
         }
-        write_outputs(outdir, build_records(meta, [], config, **_empty_inputs(config)), run)
+        write_outputs(outdir, record_table(meta, [], config, **_empty_inputs(config)), run)
     raise ValueError(
         "no row can be scored: "
         + json.dumps(work.summary["statuses"])
@@ -620,14 +735,14 @@ def _score_ensemble(
             state.tokens = sum(p["tokens"] for _, p in parts)
             state.padded = sum(p["padded"] for _, p in parts)
     if diverged is not None:
-        for i in prepared.ok:  # every row still gets its status
-            prepared.rows[i].status = f"not scored: {diverged}"
-        prepared.encoded = [None] * len(prepared.encoded)
+        prepared.drop_all(f"not scored: {diverged}")  # every row still gets its status
         _no_row_scored(config, prepared, work, outdir, world.main)
     timings["train_s"], timings["snapshot_s"] = state.train_s, state.snapshot_s
     _mark_non_finite(prepared, config, state.trajectory["sq"], work.norm_epochs)
-    meta = row_meta(prepared.rows, prepared.encoded)
-    records = records_from_trajectory(meta, ok, config, state.trajectory["sq"], work.norm_epochs)
+    meta = prepared.meta()
+    records = records_from_trajectory(
+        meta, ok, config, state.trajectory["sq"], work.norm_epochs, table=prepared.store is not None
+    )
     if outdir and world.main:
         write_norms(
             outdir,
