@@ -126,7 +126,7 @@ def child(spec: dict) -> dict:
     from gradfilter.run.score import _load_proxy, prepare
 
     cuda = torch.cuda.is_available()
-    try:  # as a scoring run does (GRADFILTER_MALLOC_TUNING=0 measures without)
+    try:  # as a --host-memory lean run does (GRADFILTER_MALLOC_TUNING=0 measures without)
         from gradfilter.run.budget import return_freed_memory
 
         spec["malloc_tuned"] = return_freed_memory()

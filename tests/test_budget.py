@@ -68,8 +68,10 @@ def test_unfittable_row_gets_a_status_and_the_choice_is_recorded(tmp_path, monke
     lengths = prepare(ROWS, ScoreConfig(**CFG), tok).lengths
     assert max(lengths[:3]) * 3 < 192 < lengths[3] * 3
     mm = memory_model(model, 3, 4)
-    # Memory for 220 folded tokens (a budget of 192): the long row cannot fit even alone.
-    available = int((mm.adapters + mm.fixed + 220 * mm.per_token) / SAFETY_FRACTION)
+    # Memory for 220 folded tokens (a budget of 192) with what a fast run's allocator
+    # keeps: the long row cannot fit even alone.
+    held = (mm.adapters + mm.fixed + 220 * mm.per_token) * budget_mod.HEAP_OVERHEAD
+    available = int(held / SAFETY_FRACTION)
     monkeypatch.setattr(budget_mod, "available_memory", lambda device="cpu": available)
     said = []
     out = tmp_path / "out"
@@ -106,7 +108,8 @@ def test_resumed_run_keeps_its_automatic_budget(tmp_path, monkeypatch):
     data.write_text(json.dumps(ROWS[:3] * 2), encoding="utf-8")
     model, tok = tiny_gpt2(n_positions=128), tiny_tokenizer()
     mm = memory_model(model, 3, 4)
-    available = int((mm.adapters + mm.fixed + 200 * mm.per_token) / SAFETY_FRACTION)
+    held = (mm.adapters + mm.fixed + 200 * mm.per_token) * budget_mod.HEAP_OVERHEAD
+    available = int(held / SAFETY_FRACTION)
     monkeypatch.setattr(budget_mod, "available_memory", lambda device="cpu": available)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -118,7 +121,9 @@ def test_resumed_run_keeps_its_automatic_budget(tmp_path, monkeypatch):
             model_and_tokenizer=(model, tok),
             stop_after=2,
         )
-    first = auto_token_budget(model, 3, 4, available=available).token_budget
+    first = auto_token_budget(
+        model, 3, 4, available=available, overhead=budget_mod.HEAP_OVERHEAD
+    ).token_budget
     monkeypatch.setattr(budget_mod, "available_memory", lambda device="cpu": 50 * available)
     res = score(
         str(data), str(out), ScoreConfig(**CFG), progress=False, model_and_tokenizer=(model, tok)
@@ -136,6 +141,51 @@ def test_budget_settings_are_checked():
         ScoreConfig(token_budget=-5).validate()
     ScoreConfig(token_budget=0).validate()  # 0: no limit
     ScoreConfig(token_budget=None).validate()  # automatic
+
+
+@pytest.mark.parametrize("available", [0.3 * GiB, 7.5 * GiB])
+def test_a_fast_run_plans_for_the_memory_the_allocator_keeps(available):
+    """With freed memory kept for reuse (host_memory "fast"), the planned bytes
+    times HEAP_OVERHEAD stay within the usable memory."""
+    model = tiny_gpt2(n_positions=128)
+    available = int(available)
+    lean = auto_token_budget(model, 5, 4, available=available)
+    fast = auto_token_budget(model, 5, 4, available=available, overhead=budget_mod.HEAP_OVERHEAD)
+    mm = memory_model(model, 5, 4)
+    limit = SAFETY_FRACTION * available
+    used = mm.norm_pass_bytes(fast.token_budget) - mm.weights
+    assert used * budget_mod.HEAP_OVERHEAD <= limit
+    assert (used + 64 * mm.per_token) * budget_mod.HEAP_OVERHEAD > limit  # the largest
+    assert fast.token_budget < lean.token_budget
+    assert "--host-memory fast" in fast.describe() and "host-memory" not in lean.describe()
+
+
+def test_host_memory_settings(monkeypatch):
+    import platform
+
+    with pytest.raises(ValueError, match="fast or lean"):
+        budget_mod.set_host_memory("small")
+    with pytest.raises(ValueError, match="host_memory must be fast or lean"):
+        ScoreConfig(host_memory="small").validate()
+    assert "host_memory" not in ScoreConfig().identity()  # same scores either way
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert budget_mod.set_host_memory("lean") is True
+        assert budget_mod.set_host_memory("fast") is True  # glibc's largest dynamic values
+    monkeypatch.setenv("GRADFILTER_MALLOC_TUNING", "0")
+    assert budget_mod.set_host_memory("lean") is False
+
+
+def test_fast_and_lean_runs_write_the_same_scores(tmp_path):
+    cfg = dict(members=3, rank=4, alpha=8, batch_size=2, max_length=64, token_budget=256)
+    for mode in ("lean", "fast"):
+        proxy = (tiny_gpt2(n_positions=128), tiny_tokenizer())
+        score(ROWS * 3, str(tmp_path / mode), ScoreConfig(**cfg, host_memory=mode),
+              progress=False, model_and_tokenizer=proxy)  # fmt: skip
+    assert (tmp_path / "lean" / "scores.jsonl").read_bytes() == (
+        tmp_path / "fast" / "scores.jsonl"
+    ).read_bytes()
+    run = json.loads((tmp_path / "fast" / "run.json").read_text())
+    assert run["config"]["host_memory"] == "fast"
 
 
 def test_return_freed_memory_can_be_turned_off(monkeypatch):

@@ -274,6 +274,16 @@ def test_the_row_store_reads_back_every_row(tmp_path):
             enc.n_tokens,
             enc.n_response_tokens,
         )
+    # status counts in order of first appearance, as a held read gives them
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[3], *lines[:3], *lines[4:]]) + "\n")  # a bad row first
+    from gradfilter.run.score import Prepared
+
+    held2 = prepare(str(data), cfg, tok)
+    st2 = build_store(str(data), str(tmp_path / "rows2"), tok, cfg.max_length, chunk=4)
+    got = Prepared(st2.rows, None, st2.encoded, st2).statuses()
+    assert list(got.items()) == list(held2.statuses().items())
+    assert list(got)[0] != "ok"
     first = int(st.ok[0])
     st.drop(first, "too long for the memory at hand")
     assert st.encoded[first] is None and st.rows[first].status.startswith("too long")
@@ -334,3 +344,15 @@ def test_select_from_a_streamed_run_reads_the_input_as_a_stream(tmp_path):
     data.write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(ValueError, match="re-run score"):
         select(str(tmp_path / "s"), top_k=2)
+
+
+def test_a_forward_method_streams_too(tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    cfg = ScoreConfig(**CFG, method="loss", token_budget=400)
+    score(str(data), str(tmp_path / "w"), cfg, progress=False, model_and_tokenizer=proxy())
+    score(str(data), str(tmp_path / "s"), cfg, progress=False, model_and_tokenizer=proxy(),
+          stream=True)  # fmt: skip
+    assert (tmp_path / "w" / "scores.jsonl").read_bytes() == (
+        tmp_path / "s" / "scores.jsonl"
+    ).read_bytes()

@@ -179,8 +179,12 @@ class BudgetChoice:
         return (
             f"token budget {self.token_budget} (auto: {self.safety_fraction:.0%} of "
             f"{self.available_bytes / 2**30:.1f} GiB available on {self.device}, "
-            f"{self.model['per_token'] / 1024:.0f} KiB per folded token)"
+            f"{self.model['per_token'] / 1024:.0f} KiB per folded token{self._overhead()})"
         )
+
+    def _overhead(self) -> str:
+        x = (self.model or {}).get("allocator_overhead", 1.0)
+        return f", {x:g}x for freed memory kept for reuse (--host-memory fast)" if x != 1 else ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -195,27 +199,29 @@ def auto_token_budget(
     available: int | None = None,
     safety: float = SAFETY_FRACTION,
     dropout: bool = True,
+    overhead: float = 1.0,
 ) -> BudgetChoice:
     """The largest token budget whose passes fit ``safety`` of the available memory
     (``available`` bytes; None: :func:`available_memory` of the model's device),
     beyond what the process already holds (the loaded proxy), rounded down to a
-    multiple of 64.  A budget that cannot hold even ``MIN_TOKENS`` tokens is an
-    error; rows that do not fit the returned budget are for the caller to mark
-    (:func:`row_fits`)."""
+    multiple of 64; ``overhead``: what the allocator holds over the bytes in use
+    (:data:`HEAP_OVERHEAD` for a fast run on a CPU).  A budget that cannot hold
+    even ``MIN_TOKENS`` tokens is an error; rows that do not fit the returned
+    budget are for the caller to mark (:func:`row_fits`)."""
     if not 0 < safety <= 1:
         raise ValueError(f"safety fraction must be in (0, 1], got {safety}")
     device = next(model.parameters()).device
     if available is None:
         available = available_memory(device)
     mm = memory_model(model, members, rank, targets, dropout=dropout)
-    spare = safety * available - mm.adapters - mm.fixed
+    spare = safety * available / overhead - mm.adapters - mm.fixed
     tokens = math.floor(spare / mm.per_token) if spare > 0 else 0
-    info = {**asdict(mm), "per_token": mm.per_token}
+    info = {**asdict(mm), "per_token": mm.per_token, "allocator_overhead": overhead}
     if tokens < MIN_TOKENS:
         raise ValueError(
             f"not enough memory for any folded pass: {available / 2**30:.2f} GiB available on "
-            f"{device.type}, {safety:.0%} of it usable, and the adapters, their optimiser and "
-            f"one pass of {MIN_TOKENS} tokens need "
+            f"{device.type}, {safety / overhead:.0%} of it usable, and the adapters, their "
+            f"optimiser and one pass of {MIN_TOKENS} tokens need "
             f"{(mm.adapters + mm.fixed + MIN_TOKENS * mm.per_token) / 2**30:.2f} GiB; free "
             "memory, use fewer --members, or set --token-budget"
         )
@@ -334,6 +340,9 @@ def pick_token_budget(
             config.targets,
             available=available,
             dropout=config.dropout > 0,
+            overhead=HEAP_OVERHEAD
+            if device.type == "cpu" and getattr(config, "host_memory", "fast") == "fast"
+            else 1.0,
         )
         tokens = min(largest, choice.token_budget * members // here)
         if agree is not None:
@@ -353,30 +362,58 @@ def _processes_on_node() -> int:
 
 
 #: glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+#: Peak host memory of a run with ``host_memory="fast"`` over the same run's with
+#: "lean": 3.38 / 2.16 GiB on the default run over 24 Alpaca rows (SmolLM2-135M,
+#: bfloat16, budget 2048; benchmarks/bench_malloc.py).  The automatic budget of a
+#: fast run on a CPU divides the usable memory by it.
+HEAP_OVERHEAD = 1.6
+_tuned = False
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Have glibc give freed blocks of ``threshold`` bytes or more back to the system.
+def set_host_memory(mode: str = "lean", threshold: int = 1 << 20) -> bool:
+    """How glibc handles freed memory, for the whole process (``ScoreConfig.host_memory``).
 
+    ``"lean"``: freed blocks of ``threshold`` bytes or more go back to the system.
     glibc keeps freed heap memory for reuse, and its mmap threshold grows with the
     blocks freed (up to 32 MiB), so after a training step the activations' memory
     stays resident and the norm pass, allocating other sizes, adds to it.  A fixed
-    threshold maps each large tensor on its own and unmaps it when freed.  It is a
-    setting of the whole process (GRADFILTER_MALLOC_TUNING=0 leaves it alone);
-    False where there is no glibc."""
+    threshold maps each large tensor on its own and unmaps it when freed; but every
+    new one then costs page faults (the kernel zeroes its pages): the default run
+    took twice as long (benchmarks/bench_malloc.py).
+
+    ``"fast"``: glibc's own behaviour (after a lean run in the same process: its
+    largest dynamic thresholds, 32 MiB mapped, 64 MiB trimmed).
+
+    GRADFILTER_MALLOC_TUNING=0 leaves glibc alone whatever the mode.  Returns
+    whether a setting was made; False where there is no glibc."""
     import ctypes
     import os
     import sys
 
+    global _tuned
+    if mode not in ("lean", "fast"):
+        raise ValueError(f"host memory must be fast or lean, got {mode!r}")
     if os.environ.get("GRADFILTER_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith(
         "linux"
     ):
         return False
+    if mode == "fast" and not _tuned:
+        return False  # glibc's own dynamic thresholds are in force
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
-        ok &= libc.mallopt(_M_TRIM_THRESHOLD, int(threshold))
+        if mode == "lean":
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+            ok &= libc.mallopt(_M_TRIM_THRESHOLD, int(threshold))
+        else:
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            ok &= libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
     except (OSError, AttributeError):
         return False
+    _tuned = True
     return bool(ok)
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """``set_host_memory("lean", threshold)``."""
+    return set_host_memory("lean", threshold)

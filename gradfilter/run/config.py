@@ -13,6 +13,10 @@ from typing import Any
 RESOLVED_FIELDS = ("early", "late", "epochs", "snapshots")
 
 
+#: ``ScoreConfig.host_memory`` settings.
+HOST_MEMORY = ("fast", "lean")
+
+
 @dataclass
 class ScoreConfig:
     """Everything that determines a scoring run (and so its checkpoint)."""
@@ -75,6 +79,13 @@ class ScoreConfig:
     # processes per group); see gradfilter.run.dist.  Not in the identity: the
     # checkpoints record the layout they were written with.
     parallel: str = "auto"
+    # Host memory on a CPU: "fast" lets glibc keep freed memory for reuse (about
+    # twice the speed of "lean", with a peak about 1.6x the bytes in use; the
+    # automatic budget allows for it); "lean" maps every tensor of 1 MiB or more on
+    # its own and unmaps it when freed (peak close to the bytes in use, each large
+    # tensor paid in page faults).  See gradfilter.run.budget.  Not in the
+    # identity: the same scores either way.
+    host_memory: str = "fast"
 
     def validate(self) -> None:
         from gradfilter.method.registry import method
@@ -85,6 +96,8 @@ class ScoreConfig:
         check_parallel(self.parallel)
         if self.members < 1:
             raise ValueError(f"members must be at least 1, got {self.members}")
+        if self.host_memory not in HOST_MEMORY:
+            raise ValueError(f"host_memory must be fast or lean, got {self.host_memory!r}")
         if not 1 <= self.early < self.late <= self.epochs:
             raise ValueError(
                 f"need 1 <= early < late <= epochs, got early={self.early}, late={self.late}, "
@@ -245,6 +258,7 @@ class ScoreConfig:
         d.pop("checkpoint_seconds")
         d.pop("device")
         d.pop("parallel")
+        d.pop("host_memory")
         d.pop("prefix_cache")  # same scores (to rounding) with or without
         for k in ("formula", "drop", "spread", "of", "ddof", "eps"):
             d.pop(k)  # scoring only, applied to the stored norms at the end

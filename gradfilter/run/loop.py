@@ -60,9 +60,9 @@ class EnsembleRun:
         all_seeds: list[int] | None = None,
         group: Any = None,
     ) -> None:
-        from gradfilter.run.budget import return_freed_memory
+        from gradfilter.run.budget import set_host_memory
 
-        return_freed_memory()  # the activations of a pass do not stay resident after it
+        set_host_memory(config.host_memory)  # how freed activations are handled
         self.config, self.ens, self.encoded, self.ok = config, ens, encoded, ok
         self.lengths, self.plan, self.pad_id, self.say = lengths, plan, pad_id, say
         self.opt = ens.make_optimizer(lr=config.lr)

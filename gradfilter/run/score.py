@@ -132,12 +132,17 @@ class Prepared:
 
     def statuses(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        if self.store is not None:
-            if self.store.n > len(self.store.statuses):
-                out["ok"] = self.store.n - len(self.store.statuses)
-            for status in self.store.statuses.values():
-                key = status_kind(status)
+        if self.store is not None:  # kinds in order of first appearance, as below
+            bad = sorted(self.store.statuses)
+            first_ok = next((k for k, i in enumerate(bad) if k != i), len(bad))
+            n_ok = self.store.n - len(bad)
+            for k, i in enumerate(bad):
+                if k == first_ok and n_ok:
+                    out["ok"] = n_ok
+                key = status_kind(self.store.statuses[i])
                 out[key] = out.get(key, 0) + 1
+            if n_ok and "ok" not in out:
+                out["ok"] = n_ok
             return out
         for r in self.rows:
             key = status_kind(r.status)
