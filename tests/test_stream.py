@@ -336,6 +336,17 @@ def test_select_from_a_streamed_run_reads_the_input_as_a_stream(tmp_path):
                            order=order, **kw)  # fmt: skip
             assert ca == cb and len(cb) == (kw.get("top_k") or 8)
             assert open(a, "rb").read() == open(b, "rb").read()
+    res = score(str(data), None, cfg, progress=False, model_and_tokenizer=proxy(), stream=True)
+    with pytest.raises(ValueError, match="without an output folder"):
+        res.select(top_k=2)
+    res = score(str(data), str(tmp_path / "s2"), cfg, progress=False,
+                model_and_tokenizer=proxy(), stream=True)  # fmt: skip
+    path, chosen = res.select(top_k=3, output=str(tmp_path / "c.jsonl"))
+    held_path, held_chosen = select(
+        str(tmp_path / "w"), top_k=3, output=str(tmp_path / "held.jsonl")
+    )
+    assert chosen == held_chosen and len(chosen) == 3
+    assert open(path, "rb").read() == open(held_path, "rb").read()
     lines = data.read_text().splitlines()
     lines[0], lines[1] = lines[1], lines[0]
     data.write_text("\n".join(lines) + "\n")

@@ -102,7 +102,15 @@ class ScoreResult:
         output: str | None = None,
         order: str = "rank",
     ):
-        """The top rows, written in the input's own format (see :func:`select`)."""
+        """The top rows, written in the input's own format (see :func:`select`).  A
+        streamed run (``stream=True``) selects from its folder, reading the input again."""
+        if self.run.get("stream"):
+            if not self.outdir:
+                raise ValueError(
+                    "a streamed run without an output folder holds no rows to write; score "
+                    "with an output folder and select from it"
+                )
+            return select(self.outdir, ratio, top_k, output, order)
         return select_from(self.records, self.rows, self.source, ratio, top_k, output, order)
 
 
