@@ -357,13 +357,15 @@ def test_select_from_a_streamed_run_reads_the_input_as_a_stream(tmp_path):
         select(str(tmp_path / "s"), top_k=2)
 
 
-def test_a_forward_method_streams_too(tmp_path):
+def test_stream_is_refused_where_it_cannot_stream(tmp_path):
+    """Forward-only methods read every row at once, and rows already in memory
+    need no stream: both are refused with a message, before any work."""
     data = tmp_path / "d.jsonl"
     write_jsonl(data)
-    cfg = ScoreConfig(**CFG, method="loss", token_budget=400)
-    score(str(data), str(tmp_path / "w"), cfg, progress=False, model_and_tokenizer=proxy())
-    score(str(data), str(tmp_path / "s"), cfg, progress=False, model_and_tokenizer=proxy(),
-          stream=True)  # fmt: skip
-    assert (tmp_path / "w" / "scores.jsonl").read_bytes() == (
-        tmp_path / "s" / "scores.jsonl"
-    ).read_bytes()
+    with pytest.raises(ValueError, match="--method loss reads every row at once"):
+        score(str(data), str(tmp_path / "a"), ScoreConfig(**CFG, method="loss"),
+              progress=False, model_and_tokenizer=proxy(), stream=True)  # fmt: skip
+    with pytest.raises(ValueError, match="already in memory"):
+        score([{"instruction": "a", "output": "b"}], None, ScoreConfig(**CFG),
+              progress=False, model_and_tokenizer=proxy(), stream=True)  # fmt: skip
+    assert not (tmp_path / "a" / "rows").exists()

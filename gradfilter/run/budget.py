@@ -364,9 +364,11 @@ def _processes_on_node() -> int:
 #: glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 #: Peak host memory of a run with ``host_memory="fast"`` over the same run's with
-#: "lean": 3.38 / 2.16 GiB on the default run over 24 Alpaca rows (SmolLM2-135M,
+#: "lean": 3.32 / 2.13 GiB on the default run over 24 Alpaca rows (SmolLM2-135M,
 #: bfloat16, budget 2048; benchmarks/bench_malloc.py).  The automatic budget of a
-#: fast run on a CPU divides the usable memory by it.
+#: fast run on a CPU divides the usable memory by it.  (A ratio of whole-process
+#: peaks: over the working set alone it is larger, about 1.85 with the loaded
+#: proxy's 0.7 GiB taken out; the safety fraction covers the difference.)
 HEAP_OVERHEAD = 1.6
 _tuned = False
 
@@ -380,7 +382,7 @@ def set_host_memory(mode: str = "lean", threshold: int = 1 << 20) -> bool:
     stays resident and the norm pass, allocating other sizes, adds to it.  A fixed
     threshold maps each large tensor on its own and unmaps it when freed; but every
     new one then costs page faults (the kernel zeroes its pages): the default run
-    took twice as long (benchmarks/bench_malloc.py).
+    took 1.72x as long (benchmarks/bench_malloc.py).
 
     ``"fast"``: glibc's own behaviour (after a lean run in the same process: its
     largest dynamic thresholds, 32 MiB mapped, 64 MiB trimmed).

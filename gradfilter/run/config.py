@@ -79,8 +79,8 @@ class ScoreConfig:
     # processes per group); see gradfilter.run.dist.  Not in the identity: the
     # checkpoints record the layout they were written with.
     parallel: str = "auto"
-    # Host memory on a CPU: "fast" lets glibc keep freed memory for reuse (about
-    # twice the speed of "lean", with a peak about 1.6x the bytes in use; the
+    # Host memory on a CPU: "fast" lets glibc keep freed memory for reuse (1.7x
+    # the speed of "lean" on the default run, at 1.6x its peak; the
     # automatic budget allows for it); "lean" maps every tensor of 1 MiB or more on
     # its own and unmaps it when freed (peak close to the bytes in use, each large
     # tensor paid in page faults).  See gradfilter.run.budget.  Not in the

@@ -194,7 +194,12 @@ class Records:
 
     def record(self, i: int) -> dict[str, Any]:
         """Row ``i``'s record."""
+        if not 0 <= i < self.n:
+            raise IndexError(f"row {i} of {self.n}")
         return self._chunk(i, i + 1)[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.record(i if i >= 0 else self.n + i)
 
     def _meta(self, start: int, stop: int) -> list[dict[str, Any]]:
         if hasattr(self.meta, "n_response"):

@@ -535,14 +535,34 @@ def _score(
     timings = {"load_s": time.perf_counter() - t_start}
     if dry_run:
         return _dry_run(data, outdir, config, model, tok, world, share, say, layout)
+    if stream:
+        _check_stream(data, config)
     t0 = time.perf_counter()
     with _store_folder(outdir if stream else None, world, stream) as folder:
         prepared = prepare(data, config, tok, store=folder, log=say)
         timings["tokenize_s"] = time.perf_counter() - t0
-        return _score_prepared(
-            prepared, outdir, config, world, say, progress, model, tok, timings,
-            stop_after, share, layout, t_start,
-        )  # fmt: skip
+        try:
+            return _score_prepared(
+                prepared, outdir, config, world, say, progress, model, tok, timings,
+                stop_after, share, layout, t_start,
+            )  # fmt: skip
+        finally:
+            if prepared.store is not None:
+                prepared.store.close()  # reopened on demand by the records it backs
+
+
+def _check_stream(data: Any, config: ScoreConfig) -> None:
+    """``stream`` reads a file or folder with an ensemble method."""
+    if not isinstance(data, (str, os.PathLike)):
+        raise ValueError(
+            "stream=True reads the rows from a file or folder (JSON Lines, Parquet, a saved "
+            f"dataset); {type(data).__name__} rows are already in memory: score them without it"
+        )
+    if METHODS[config.method].kind != "ensemble":
+        raise ValueError(
+            f"--stream runs the ensemble methods; --method {config.method} reads every row "
+            "at once: run it without --stream"
+        )
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ a row's tokens and id start, its length, response tokens and truncation) and
 the status of each row that cannot be scored.  :class:`RowStore` is the
 :class:`~gradfilter.run.score.Prepared` of such a run: ``encoded[i]`` reads row
 i's tokens from disk (two ``pread`` calls) and ``rows[i]`` is a light
-:class:`StoredRow` (index, id, status).  The hashes a run needs of every row's
-content (the checkpoint's row hash and the ``rows_fingerprint`` that ``select``
-checks) are taken as the rows stream by, so the texts are never held.
+:class:`StoredRow` (index, id, status).  The ``rows_fingerprint`` that
+``select`` checks (every row's content) is taken as the rows stream by, so the
+texts are never held; the checkpoint's row hash reads the store back.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ __all__ = ["BYTES_PER_ROW", "CHUNK_ROWS", "RowStore", "StoredRow", "build_store"
 
 #: Rows read and tokenised at a time.
 CHUNK_ROWS = 2048
-#: Bytes held in memory per row by a store (offsets, lengths, counts, flags).
-BYTES_PER_ROW = 8 + 4 + 4 + 4 + 1 + 8 + 4
+#: Bytes held in memory per row by a store (token offset, length, token and
+#: response counts, truncation, id offset).
+BYTES_PER_ROW = 8 + 4 + 4 + 4 + 1 + 8
 
 
 @dataclass
