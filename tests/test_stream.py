@@ -369,3 +369,15 @@ def test_stream_is_refused_where_it_cannot_stream(tmp_path):
         score([{"instruction": "a", "output": "b"}], None, ScoreConfig(**CFG),
               progress=False, model_and_tokenizer=proxy(), stream=True)  # fmt: skip
     assert not (tmp_path / "a" / "rows").exists()
+
+
+def test_force_removes_the_row_store_of_a_streamed_run(tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data)
+    out = tmp_path / "out"
+    score(str(data), str(out), ScoreConfig(**CFG, token_budget=400), progress=False,
+          model_and_tokenizer=proxy(), stream=True)  # fmt: skip
+    assert (out / "rows" / "ids.bin").exists()
+    score(str(data), str(out), ScoreConfig(**CFG, method="loss"), progress=False,
+          model_and_tokenizer=proxy(), force=True)  # fmt: skip
+    assert not (out / "rows").exists()

@@ -275,6 +275,12 @@ def claim_outdir(outdir: str, config: ScoreConfig, force: bool, processes: int =
             path = os.path.join(outdir, name)
             if os.path.exists(path):
                 os.remove(path)
+        import shutil
+
+        for name in os.listdir(outdir):  # the row stores of streamed runs
+            path = os.path.join(outdir, name)
+            if (name == "rows" or name.startswith("rows.rank")) and os.path.isdir(path):
+                shutil.rmtree(path)
 
 
 def _other_settings(previous: dict, config: ScoreConfig) -> bool:
