@@ -24,7 +24,9 @@ profiler) over the unprofiled wall time, reported as a ratio to the GEMM rate.
 The profiler keeps every operator event of the run in memory: at 16 rows it
 grew past 8 GiB on the 2-core machine, and an 8-row run with an automatic budget
 beside the test suite ran the 24 GiB machine out of memory.  Keep ``--rows``
-small (8) and the budget fixed (``--budget``, 2048 by default).
+small (8) and the budget fixed (``--budget``, 2048 by default), and profile with
+``--host-memory lean``: under ``fast`` the profiler's small allocations among
+the freed tensors kept glibc from reusing them, and an 8-row run grew past 24 GiB.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--norms", default="snapshot", choices=["snapshot", "inflight"])
     p.add_argument("--budget", type=int, default=2048, help="token budget (0: automatic)")
-    p.add_argument("--host-memory", default="fast", choices=["fast", "lean"])
+    p.add_argument("--host-memory", default="lean", choices=["fast", "lean"])
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "alpaca_9k.json"))
     p.add_argument("--out", default="benchmarks/results/cpu-2core-profile.json")
     args = p.parse_args(argv)
