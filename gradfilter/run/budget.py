@@ -367,8 +367,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 #: "lean": 3.32 / 2.13 GiB on the default run over 24 Alpaca rows (SmolLM2-135M,
 #: bfloat16, budget 2048; benchmarks/bench_malloc.py).  The automatic budget of a
 #: fast run on a CPU divides the usable memory by it.  (A ratio of whole-process
-#: peaks: over the working set alone it is larger, about 1.85 with the loaded
-#: proxy's 0.7 GiB taken out; the safety fraction covers the difference.)
+#: peaks: over the working set alone it is larger, (3.32 - 0.48) / (2.13 - 0.48)
+#: = 1.72 with the loaded proxy's 0.48 GiB taken out; the safety fraction covers
+#: the difference.)
 HEAP_OVERHEAD = 1.6
 _tuned = False
 
