@@ -394,8 +394,10 @@ def set_host_memory(mode: str = "lean", threshold: int = 1 << 20) -> bool:
     import os
     import sys
 
+    from gradfilter.run.config import HOST_MEMORY
+
     global _tuned
-    if mode not in ("lean", "fast"):
+    if mode not in HOST_MEMORY:
         raise ValueError(f"host memory must be fast or lean, got {mode!r}")
     if os.environ.get("GRADFILTER_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith(
         "linux"

@@ -79,20 +79,9 @@ def records_from_trajectory(
     return make(meta, ok, config, early_sq=early_sq, late_sq=late_sq)
 
 
-def build_records(
-    meta: Any,
-    ok: Any,
-    config: ScoreConfig,
-    *,
-    early_sq: np.ndarray | None = None,
-    late_sq: np.ndarray | None = None,
-    values: dict[str, np.ndarray] | None = None,
-) -> list[dict[str, Any]]:
-    """One record per input row; ``score`` is the method's score, ``rank`` its rank.
-
-    ``early_sq`` / ``late_sq``: ``[ok rows, M]`` squared norms (ensemble methods);
-    ``values``: per-ok-row arrays of a forward method, keyed by name."""
-    return list(record_table(meta, ok, config, early_sq=early_sq, late_sq=late_sq, values=values))
+def build_records(meta: Any, ok: Any, config: ScoreConfig, **inputs: Any) -> list[dict[str, Any]]:
+    """One record per input row, as a list (:func:`record_table`'s arguments)."""
+    return list(record_table(meta, ok, config, **inputs))
 
 
 def record_table(
@@ -104,15 +93,19 @@ def record_table(
     late_sq: np.ndarray | None = None,
     values: dict[str, np.ndarray] | None = None,
 ) -> Records:
-    """:func:`build_records` as :class:`Records`: the columns as arrays, each row's
-    record made when it is read (a run over a stored corpus never holds them all).
+    """One record per input row; ``score`` is the method's score, ``rank`` its rank.
+    As :class:`Records`: the columns as arrays, each row's record made when it is
+    read (a run over a stored corpus never holds them all).
+
+    ``early_sq`` / ``late_sq``: ``[ok rows, M]`` squared norms (ensemble methods);
+    ``values``: per-ok-row arrays of a forward method, keyed by name.
     ``meta``: a sequence of :data:`ROW_FIELDS` dicts, or anything with ``n``,
     ``n_response`` and ``meta(start, stop)`` (a :class:`gradfilter.run.store.RowStore`)."""
     from gradfilter.method.gsnr import ablation_scores, gsnr_components, rank_scores
     from gradfilter.method.registry import METHODS
 
-    stored = hasattr(meta, "n_response")
-    n = meta.n if stored else len(meta)
+    stored = _stored(meta)
+    n = len(meta)
     ok = np.asarray(ok, dtype=np.int64)
     values = dict(values or {})
     comp: dict[str, np.ndarray] = {}
@@ -158,6 +151,11 @@ def record_table(
     return table
 
 
+def _stored(meta: Any) -> bool:
+    """Whether ``meta`` is a row store (its fields read from disk), not a list."""
+    return hasattr(meta, "n_response")
+
+
 def _floats(a: np.ndarray | None, n: int) -> list:
     """Python floats of ``a``, None where not finite or absent (JSON has no NaN)."""
     if a is None:
@@ -174,6 +172,7 @@ class Records:
 
     def __init__(self, meta: Any, n: int, method: str, ok: np.ndarray) -> None:
         self.meta, self.n, self.method = meta, n, method
+        self.stored = _stored(meta)
         self.scored = np.zeros(n, dtype=bool)
         self.scored[ok] = True
         self.ranks = np.zeros(n, dtype=np.int64)
@@ -202,13 +201,18 @@ class Records:
         return self.record(i if i >= 0 else self.n + i)
 
     def _meta(self, start: int, stop: int) -> list[dict[str, Any]]:
-        if hasattr(self.meta, "n_response"):
+        if self.stored:
             return self.meta.meta(start, stop)
         return [self.meta[i] for i in range(start, stop)]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        """The records, :data:`CHUNK` rows at a time."""
         for start in range(0, self.n, self.CHUNK):
-            yield from self._chunk(start, min(self.n, start + self.CHUNK))
+            yield self._chunk(start, min(self.n, start + self.CHUNK))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for chunk in self.chunks():
+            yield from chunk
 
     def _chunk(self, start: int, stop: int) -> list[dict[str, Any]]:
         k = stop - start
@@ -223,11 +227,9 @@ class Records:
         def per_row(a: np.ndarray | None) -> list:
             if a is None:
                 return [None] * k
-            vals = np.where(np.isfinite(a[sl]), a[sl], np.nan).tolist()
-            return [
-                [None if x != x else x for x in v] if s else None
-                for v, s in zip(vals, scored, strict=True)
-            ]
+            m = a.shape[1]
+            flat = _floats(a[sl].reshape(-1), k * m)
+            return [flat[j * m : (j + 1) * m] if s else None for j, s in enumerate(scored)]
 
         early, late = per_row(self.early_sq), per_row(self.late_sq)
         ablations = {name: cut(a) for name, a in self.ablations.items()}
@@ -332,9 +334,8 @@ def write_outputs(outdir: str, records: Any, run: dict, plots: bool = True) -> N
     chunks = (
         (records[i : i + Records.CHUNK] for i in range(0, len(records), Records.CHUNK))
         if isinstance(records, list)
-        else (records._chunk(i, min(len(records), i + Records.CHUNK))
-              for i in range(0, len(records), Records.CHUNK))
-    )  # fmt: skip
+        else records.chunks()
+    )
     with open(path + ".tmp", "wb") as f:
         for chunk in chunks:
             lines = "".join([encode(r) + "\n" for r in chunk]).translate(_LINE_BREAKS)

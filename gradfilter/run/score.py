@@ -253,16 +253,14 @@ def prepare(
     return Prepared(rows, source, encoded)
 
 
-def _stream_source(data: Any, config: ScoreConfig) -> Any:
+def _stream_source(data: str | os.PathLike[str], config: ScoreConfig) -> Any:
     """The :class:`~gradfilter.io.rows.Source` of streamed rows (no rows held)."""
     from pathlib import Path
 
     from gradfilter.io.rows import Source, _checked_kind, _resolve_fields
 
     fields = _resolve_fields(config.fields or None)
-    if isinstance(data, (str, os.PathLike)):
-        return Source(_checked_kind(Path(data), "auto"), str(data), fields)
-    return Source("records", None, fields)
+    return Source(_checked_kind(Path(data), "auto"), str(data), fields)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def _select_streamed(
     import json
     from array import array
 
-    from gradfilter.io.rows import Source, _prepare_out, iter_rows, jsonl_lines
+    from gradfilter.io.rows import Source, _ordered_indices, _prepare_out, iter_rows, jsonl_lines
     from gradfilter.method.gsnr import select_top
     from gradfilter.method.registry import METHODS
     from gradfilter.run.records import SCORES_FILE
@@ -122,13 +122,11 @@ def _select_streamed(
         n_rows=n,
         higher_is_better=METHODS[method].higher_is_better,
     ).tolist()
-    if order not in ("input", "rank"):
-        raise ValueError(f"order must be 'input' or 'rank', got {order!r}")
     wanted = set(chosen)
     lines = {i: raw for i, _, raw in jsonl_lines(path) if i in wanted}
     out = _prepare_out(output or os.path.join(outdir, "selected.jsonl"), Source("jsonl", path, {}))
     with open(out, "wb") as f:
-        for i in chosen if order == "rank" else sorted(chosen):
+        for i in _ordered_indices(chosen, n, order):
             f.write(lines[i])
             f.write(b"\n")
     return str(out), chosen
